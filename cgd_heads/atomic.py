@@ -1,0 +1,52 @@
+"""Atomic file writes: a crash in the middle of a save never leaves a half-written file behind.
+
+The writer produces a temporary file in the destination folder (same file system, so the final
+``os.replace`` is atomic on POSIX and Windows), flushes it to disk, then renames it over the target.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+__all__ = ['atomic_path', 'atomic_write_json']
+
+PathLike = Union[str, os.PathLike]
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write to; on success it replaces ``path`` atomically.
+
+    Args:
+        path: Final destination. Its parent folder must exist and be writable.
+
+    Example:
+        >>> with atomic_path('model.safetensors') as tmp:  # doctest: +SKIP
+        ...     safetensors.torch.save_file(tensors, str(tmp))
+
+    If the body raises, the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        # fsync so the rename never exposes a file whose data is still only in the page cache
+        with open(tmp_path, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n', encoding='utf-8')

@@ -1,0 +1,169 @@
+"""Generalised-mean (GeM) global pooling: SPoC (p = 1), MAC (p = inf) and GeM (any other p).
+
+Radenovic, Tolias, Chum, "Fine-tuning CNN Image Retrieval with No Human Annotation" (TPAMI 2018) define, for
+a C x H x W feature map X,
+
+    f_c = ( 1/|X_c| * sum_{x in X_c} x^p )^(1/p)
+
+p = 1 is SPoC (average pooling), p -> inf is MAC (max pooling); CGD (Jun et al. 2019, arXiv 1903.10663) uses
+all three as its global descriptors, with p = 3 for GeM.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ['GeneralizedPooling', 'generalized_mean', 'INPUT_FORMATS', 'P_LEARNABLE_RANGE']
+
+INPUT_FORMATS = ('NCHW', 'NHWC', 'NLC')
+
+#: Range a learnable p is clamped to in the forward pass. Below 1 GeM drifts towards the geometric mean (weaker
+#: than average pooling for retrieval); far above ~100 it is max pooling with a vanishing gradient on p.
+P_LEARNABLE_RANGE = (1.0, 100.0)
+
+
+def generalized_mean(x: torch.Tensor, p: Union[torch.Tensor, float], dim: int, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised mean of ``clamp(x, eps)`` along ``dim``: ``(mean(clamp(x, eps)^p))^(1/p)``.
+
+    The power is taken in float32 (float64 stays float64) after dividing by the per-vector maximum m:
+    ``m * (mean((x / m)^p))^(1/p)`` equals the formula exactly (the mean is homogeneous of degree one) but never
+    overflows, so activations of 1e4 with p = 10 (1e40 > float32 max) or fp16/bf16 inputs stay finite. m is
+    detached: the expression equals GeM for any constant m, so the gradient is still exactly GeM's.
+
+    Args:
+        x: Input tensor, any shape.
+        p: Finite exponent > 0, a float or a tensor broadcastable against ``x`` with ``dim`` reduced-to-1.
+        dim: Dimension to reduce.
+        eps: Lower clamp of the activations; keeps the power and its gradient finite for zero or negative inputs.
+
+    Returns:
+        The reduced tensor (``dim`` removed) in ``x``'s dtype.
+    """
+    in_dtype = x.dtype
+    compute_dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
+    x = x.to(compute_dtype).clamp(min=eps)
+    scale = x.detach().amax(dim=dim, keepdim=True)
+    if isinstance(p, torch.Tensor):
+        p = p.to(compute_dtype)
+    pooled = (x / scale).pow(p).mean(dim=dim, keepdim=True).pow(1.0 / p) * scale
+    return pooled.squeeze(dim).to(in_dtype)
+
+
+def _check_p(p: float, learnable: bool) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f'p must be a float > 0 (or float("inf") for MAC), got {type(p).__name__} {p!r}')
+    p = float(p)
+    if math.isnan(p) or p <= 0:
+        raise ValueError(f'p must be > 0 (1 = SPoC/average, 3 = GeM, float("inf") = MAC/max), got {p}')
+    if learnable and math.isinf(p):
+        raise ValueError('p=inf (MAC) cannot be learnable: pass a finite initial p, or learnable=False for MAC')
+    return p
+
+
+class GeneralizedPooling(nn.Module):
+    """Global generalised-mean pooling (GeM), with SPoC and MAC as its exact special cases.
+
+    ``f_c = (mean_{h,w} clamp(x_{c,h,w}, eps)^p)^(1/p)``
+
+    * ``p = 1``, fixed: SPoC, computed as a plain ``mean`` (no clamp: equals average pooling exactly, also for
+      negative activations).
+    * ``p = float('inf')``: MAC, computed as ``amax`` (never as ``pow(inf)``, which returns all ones).
+    * otherwise GeM, computed in float32 with max-scaling (see :func:`generalized_mean`), safe under fp16/bf16
+      autocast and for large p. Activations below ``eps`` (zeros, negatives) are clamped to ``eps``.
+
+    The variant is chosen once here from ``p`` and ``learnable``, not re-decided per call. A learnable p is an
+    ``nn.Parameter``, a fixed p a buffer (so it follows ``.to()`` and lands in the state dict). A learnable p is
+    clamped to :data:`P_LEARNABLE_RANGE` ``[1, 100]`` in the forward pass: the stored value may step outside,
+    the value used never does, and its gradient is zero while it stays outside.
+
+    Args:
+        p: Exponent, > 0; ``float('inf')`` for MAC.
+        learnable: Learn p (GeM only).
+        eps: Activation clamp for GeM, > 0.
+        per_channel: Learn one p per channel (requires ``in_features``).
+        in_features: Number of channels C; required for ``per_channel``, checked against the input when given.
+        input_fmt: ``'NCHW'`` (CNN maps), ``'NHWC'`` (channels-last maps, e.g. Swin) or ``'NLC'`` (token
+            sequences; drop prefix tokens before pooling).
+
+    Shape:
+        Input ``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, L, C)`` by ``input_fmt``; output ``(N, C)``.
+
+    Example:
+        >>> pool = GeneralizedPooling(p=3.0, learnable=True)
+        >>> pool(torch.rand(2, 8, 7, 7)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(
+            self,
+            p: float = 3.0,
+            learnable: bool = False,
+            eps: float = 1e-6,
+            per_channel: bool = False,
+            in_features: Optional[int] = None,
+            input_fmt: str = 'NCHW',
+    ):
+        super().__init__()
+        p = _check_p(p, learnable)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f'eps must be a finite float > 0, got {eps!r}')
+        if input_fmt not in INPUT_FORMATS:
+            raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
+        if in_features is not None and (isinstance(in_features, bool) or not isinstance(in_features, int)
+                                        or in_features <= 0):
+            raise ValueError(f'in_features must be a positive int or None, got {in_features!r}')
+        if per_channel and in_features is None:
+            raise ValueError('per_channel=True needs in_features (the channel count C) to size the p vector')
+        if per_channel and not learnable:
+            raise ValueError('per_channel=True needs learnable=True (a fixed p is the same for every channel)')
+        self.eps = float(eps)
+        self.learnable = learnable
+        self.per_channel = per_channel
+        self.in_features = in_features
+        self.input_fmt = input_fmt
+        # NCHW reduces the last (flattened H*W) axis; NHWC/NLC reduce axis 1 with channels last.
+        self._channels_first = input_fmt == 'NCHW'
+        if learnable:
+            self.pool_type = 'gem'
+            shape = (in_features,) if per_channel else ()
+            self.p = nn.Parameter(torch.full(shape, p))
+        else:
+            self.pool_type = 'max' if math.isinf(p) else 'avg' if p == 1.0 else 'gem'
+            # inf is stored as is: the buffer documents the variant, the forward never raises anything to it
+            self.register_buffer('p', torch.tensor(p))
+
+    def extra_repr(self) -> str:
+        p = self.p if self.p.ndim == 0 else f'[{self.p.numel()} channels]'
+        return f'pool_type={self.pool_type}, p={p}, learnable={self.learnable}, input_fmt={self.input_fmt}'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f'GeneralizedPooling expects a floating point feature map, got dtype {x.dtype}')
+        if x.ndim != (4 if self.input_fmt != 'NLC' else 3):
+            raise ValueError(
+                f'GeneralizedPooling(input_fmt={self.input_fmt!r}) expects a '
+                f'{"3-D (N, L, C)" if self.input_fmt == "NLC" else "4-D " + self.input_fmt} tensor, '
+                f'got shape {tuple(x.shape)}')
+        if self._channels_first:
+            x = x.flatten(2)  # (N, C, H*W)
+            dim = 2
+        else:
+            x = x.flatten(1, -2) if x.ndim == 4 else x  # (N, H*W or L, C)
+            dim = 1
+        if self.in_features is not None and x.shape[1 if self._channels_first else 2] != self.in_features:
+            raise ValueError(
+                f'GeneralizedPooling was built for in_features={self.in_features} channels, got input of shape '
+                f'{tuple(x.shape)} ({self.input_fmt})')
+        if self.pool_type == 'max':
+            return x.amax(dim=dim)
+        if self.pool_type == 'avg':
+            return x.mean(dim=dim)
+        p = self.p
+        if self.learnable:
+            p = p.clamp(*P_LEARNABLE_RANGE)
+        if self.per_channel and self._channels_first:
+            p = p.unsqueeze(-1)  # (C, 1) broadcasts over (N, C, H*W)
+        return generalized_mean(x, p, dim=dim, eps=self.eps)

@@ -1,0 +1,184 @@
+"""GeneralizedPooling against torch's own reductions and a naive per-channel loop."""
+import math
+
+import pytest
+import torch
+
+from cgd_heads import GeneralizedPooling, generalized_mean
+from cgd_heads.pooling import P_LEARNABLE_RANGE
+
+
+def naive_gem(x: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:
+    """Loop over batch and channel in float64: (mean clamp(x, eps)^p)^(1/p)."""
+    n, c = x.shape[:2]
+    out = torch.empty(n, c, dtype=torch.float64)
+    for i in range(n):
+        for j in range(c):
+            values = x[i, j].double().flatten().clamp(min=eps)
+            out[i, j] = (values ** p).mean() ** (1.0 / p)
+    return out
+
+
+@pytest.mark.parametrize('hw', [(1, 1), (3, 5), (7, 7), (14, 14)])
+class TestSpecialCases:
+    def test_p1_is_average_pooling(self, hw):
+        x = torch.randn(2, 6, *hw)  # negative values included: SPoC must not clamp
+        out = GeneralizedPooling(p=1.0)(x)
+        torch.testing.assert_close(out, x.mean(dim=(2, 3)))
+        torch.testing.assert_close(out, torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def test_inf_is_max_pooling_exactly(self, hw):
+        x = torch.randn(2, 6, *hw)
+        out = GeneralizedPooling(p=float('inf'))(x)
+        assert torch.equal(out, x.amax(dim=(2, 3)))
+        assert not torch.all(out == 1), 'MAC must not degenerate to all ones'
+
+    def test_gem_matches_naive_loop(self, hw):
+        x = torch.rand(2, 5, *hw) * 3
+        torch.testing.assert_close(GeneralizedPooling(p=3.0)(x).double(), naive_gem(x, 3.0), rtol=1e-5, atol=1e-6)
+
+
+def test_gem_clamps_negative_and_zero_maps():
+    x = torch.zeros(2, 4, 5, 5)
+    x[0, 0] = -3.0
+    out = GeneralizedPooling(p=3.0, eps=1e-6)(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.full_like(out, 1e-6))
+
+
+@pytest.mark.parametrize('p', [6.0, 10.0, 20.0, 50.0])
+def test_large_p_is_close_to_max_and_finite_for_large_activations(p):
+    x = torch.rand(3, 8, 7, 7) * 1e4  # 1e4 ** 10 = 1e40 overflows float32 without rescaling
+    out = GeneralizedPooling(p=p)(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), naive_gem(x, p), rtol=1e-4, atol=1e-3)
+    mx = x.amax(dim=(2, 3))
+    assert (out <= mx * (1 + 1e-6)).all()
+    # GeM lies between the mean and the max, and approaches the max from below as p grows
+    assert (out >= x.mean(dim=(2, 3))).all()
+    assert ((mx - out) / mx).max() < 1 - (1 / 49) ** (1 / p) + 1e-4
+
+
+def test_gem_is_monotone_in_p():
+    x = torch.rand(2, 4, 6, 6)
+    outs = [GeneralizedPooling(p=p)(x) for p in (1.0, 2.0, 3.0, 8.0, math.inf)]
+    for lo, hi in zip(outs, outs[1:]):
+        assert (lo <= hi + 1e-6).all()
+
+
+def test_learnable_p_gets_gradient_and_is_parameter():
+    pool = GeneralizedPooling(p=3.0, learnable=True)
+    assert isinstance(pool.p, torch.nn.Parameter)
+    x = torch.rand(2, 4, 5, 5, requires_grad=True)
+    pool(x).sum().backward()
+    assert pool.p.grad is not None and pool.p.grad.abs() > 0
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_fixed_p_is_buffer_in_state_dict():
+    pool = GeneralizedPooling(p=4.0)
+    assert 'p' in dict(pool.named_buffers()) and not list(pool.parameters())
+    assert pool.state_dict()['p'].item() == 4.0
+
+
+def test_gradient_matches_naive_reference():
+    x = (torch.rand(2, 3, 4, 4, dtype=torch.float64) + 0.1).requires_grad_()
+    p = torch.tensor(3.5, dtype=torch.float64, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_()
+    ref_p = p.detach().clone().requires_grad_()
+    generalized_mean(x.flatten(2), p, dim=2).sum().backward()
+    (ref_x.clamp(min=1e-6) ** ref_p).mean(dim=(2, 3)).pow(1 / ref_p).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(p.grad, ref_p.grad)
+
+
+def test_learnable_p_is_clamped_to_documented_range():
+    pool = GeneralizedPooling(p=3.0, learnable=True)
+    x = torch.rand(2, 4, 5, 5) + 0.5
+    with torch.no_grad():
+        pool.p.fill_(0.2)
+    torch.testing.assert_close(pool(x), GeneralizedPooling(p=P_LEARNABLE_RANGE[0] + 1e-9)(x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        pool.p.fill_(1e6)
+    torch.testing.assert_close(pool(x).double(), naive_gem(x, P_LEARNABLE_RANGE[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_per_channel_p():
+    pool = GeneralizedPooling(p=3.0, learnable=True, per_channel=True, in_features=4)
+    assert pool.p.shape == (4,)
+    with torch.no_grad():
+        pool.p.copy_(torch.tensor([1.5, 2.0, 3.0, 7.0]))
+    x = torch.rand(2, 4, 3, 5)
+    out = pool(x)
+    for c, p in enumerate([1.5, 2.0, 3.0, 7.0]):
+        torch.testing.assert_close(out[:, c].double(), naive_gem(x[:, c:c + 1], p)[:, 0], rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert (pool.p.grad.abs() > 0).all()
+
+
+@pytest.mark.parametrize('p', [1.0, 3.0, math.inf])
+def test_nhwc_and_nlc_match_nchw(p):
+    x = torch.rand(2, 6, 3, 5)
+    ref = GeneralizedPooling(p=p)(x)
+    torch.testing.assert_close(GeneralizedPooling(p=p, input_fmt='NHWC')(x.permute(0, 2, 3, 1)), ref)
+    torch.testing.assert_close(GeneralizedPooling(p=p, input_fmt='NLC')(x.flatten(2).transpose(1, 2)), ref)
+
+
+def test_per_channel_nhwc_matches_nchw():
+    a = GeneralizedPooling(p=3.0, learnable=True, per_channel=True, in_features=4)
+    b = GeneralizedPooling(p=3.0, learnable=True, per_channel=True, in_features=4, input_fmt='NHWC')
+    with torch.no_grad():
+        a.p.copy_(torch.tensor([1.5, 2.0, 3.0, 7.0]))
+        b.p.copy_(a.p)
+    x = torch.rand(2, 4, 3, 3)
+    torch.testing.assert_close(b(x.permute(0, 2, 3, 1)), a(x))
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('p', [1.0, 3.0, 10.0, math.inf])
+def test_autocast_is_finite_and_close_to_fp32(dtype, p):
+    x = torch.rand(2, 8, 7, 7) * 100
+    ref = GeneralizedPooling(p=p)(x)
+    with torch.autocast('cpu', dtype=dtype):
+        out = GeneralizedPooling(p=p)(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_half_input_with_large_activations_stays_finite():
+    x = (torch.rand(2, 4, 7, 7) * 1e4).half()  # x^3 alone would overflow fp16 (max 65504)
+    out = GeneralizedPooling(p=3.0)(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), naive_gem(x.float(), 3.0), rtol=2e-3, atol=1.0)
+
+
+def test_eval_is_deterministic_and_compile_matches_eager():
+    pool = GeneralizedPooling(p=3.0, learnable=True).eval()
+    x = torch.rand(2, 8, 7, 7)
+    assert torch.equal(pool(x), pool(x))
+    compiled = torch.compile(pool, fullgraph=True)
+    torch.testing.assert_close(compiled(x), pool(x))
+
+
+@pytest.mark.parametrize('kwargs, error', [
+    (dict(p=0.0), ValueError), (dict(p=-1.0), ValueError), (dict(p=float('nan')), ValueError),
+    (dict(p='3'), TypeError), (dict(p=float('inf'), learnable=True), ValueError), (dict(eps=0.0), ValueError),
+    (dict(input_fmt='NCL'), ValueError), (dict(per_channel=True, learnable=True), ValueError),
+    (dict(per_channel=True, in_features=4), ValueError), (dict(in_features=0), ValueError),
+])
+def test_bad_arguments(kwargs, error):
+    with pytest.raises(error, match=list(kwargs)[0]):
+        GeneralizedPooling(**kwargs)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match='4-D NCHW'):
+        GeneralizedPooling()(torch.rand(2, 3, 4))
+    with pytest.raises(TypeError, match='floating point'):
+        GeneralizedPooling()(torch.ones(2, 3, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match='in_features=4'):
+        GeneralizedPooling(learnable=True, per_channel=True, in_features=4)(torch.rand(2, 3, 4, 4))
+
+
+def test_empty_batch_returns_empty():
+    assert GeneralizedPooling()(torch.rand(0, 3, 4, 4)).shape == (0, 3)
