@@ -1,0 +1,133 @@
+"""Reader for Stanford Cars / CARS196 (Krause et al. 2013), in both published annotation formats.
+
+Layouts accepted (``root`` is the folder holding them), tried in this order:
+
+1. Combined file (what most metric-learning code uses): ``cars_annos.mat`` with the struct array
+   ``annotations`` (fields ``relative_im_path``, ``bbox_x1``, ``bbox_y1``, ``bbox_x2``, ``bbox_y2``, ``class``,
+   ``test``) and ``class_names``; images at ``root/<relative_im_path>`` (``car_ims/000001.jpg``).
+2. Official devkit: ``devkit/cars_train_annos.mat`` (struct array ``annotations`` with ``bbox_x1``,
+   ``bbox_y1``, ``bbox_x2``, ``bbox_y2``, ``class``, ``fname``; images in ``cars_train/``), optionally
+   ``cars_test_annos_withlabels.mat`` (same fields, in ``devkit/`` or ``root``; images in ``cars_test/``), and
+   ``devkit/cars_meta.mat`` (``class_names``). Without the labelled test file only the training half is read
+   (the devkit's ``cars_test_annos.mat`` has no classes).
+
+Either way the zero-shot protocol applies over every annotated image: classes 1-98 train, 99-196 test.
+Devkit boxes are MATLAB pixel indices (1-based, inclusive), converted to PIL's 0-based, right/bottom-exclusive
+boxes as ``(x1 - 1, y1 - 1, x2, y2)``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .annotation_files import PathLike, require_dir, require_file
+from .class_id_split import split_by_class_id
+from .image_list import Box, ImageList
+from .mat_file import load_mat, string_list, struct_rows
+
+__all__ = ['read_cars196', 'CARS196_NUM_TRAIN_CLASSES', 'is_cars196_dir']
+
+_logger = logging.getLogger(__name__)
+
+#: Classes 1..98 train, 99..196 test.
+CARS196_NUM_TRAIN_CLASSES = 98
+_BOX_FIELDS = ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2')
+_TEST_ANNOS = 'cars_test_annos_withlabels.mat'
+
+Item = Tuple[int, str, Optional[Box]]
+
+
+def is_cars196_dir(root: PathLike) -> bool:
+    """True if ``root`` holds ``cars_annos.mat`` or ``devkit/cars_train_annos.mat``."""
+    root = Path(root)
+    return (root / 'cars_annos.mat').is_file() or (root / 'devkit' / 'cars_train_annos.mat').is_file()
+
+
+def _int(value: Any, path: Path, index: int, field: str) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'{path}: annotation {index} field {field!r} must be a number, got {value!r}') from e
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f'{path}: annotation {index} field {field!r} must be an integer, got {value!r}')
+    return int(number)
+
+
+def _box(row: Dict[str, Any], path: Path, index: int) -> Box:
+    x1, y1, x2, y2 = (_int(row[f], path, index, f) for f in _BOX_FIELDS)
+    if x1 < 1 or y1 < 1 or x2 < x1 or y2 < y1:
+        raise ValueError(f'{path}: annotation {index} has an invalid box (x1={x1}, y1={y1}, x2={x2}, y2={y2}); '
+                         f'expected 1-based inclusive pixel bounds with x1 <= x2 and y1 <= y2')
+    return (x1 - 1, y1 - 1, x2, y2)
+
+
+def _items(path: Path, rows: List[Dict[str, Any]], image_dir: Path, path_field: str,
+           num_classes: int, crop: bool) -> List[Item]:
+    items = []
+    for i, row in enumerate(rows):
+        class_id = _int(row['class'], path, i, 'class')
+        if not 1 <= class_id <= num_classes:
+            raise ValueError(f'{path}: annotation {i} has class {class_id}, expected 1..{num_classes} '
+                             f'(one per class name)')
+        rel = row[path_field]
+        if not isinstance(rel, str) or not rel:
+            raise ValueError(f'{path}: annotation {i} field {path_field!r} must be a file name, got {rel!r}')
+        items.append((class_id, str(image_dir / rel), _box(row, path, i) if crop else None))
+    return items
+
+
+def _read_combined(root: Path, crop: bool) -> Tuple[List[Item], List[str]]:
+    path = root / 'cars_annos.mat'
+    mat = load_mat(path)
+    class_names = string_list(mat, 'class_names', path)
+    rows = struct_rows(mat, 'annotations', (*_BOX_FIELDS, 'class', 'relative_im_path'), path)
+    return _items(path, rows, root, 'relative_im_path', len(class_names), crop), class_names
+
+
+def _read_devkit(root: Path, crop: bool) -> Tuple[List[Item], List[str]]:
+    devkit = root / 'devkit'
+    meta = require_file(devkit / 'cars_meta.mat', 'CARS196 class names')
+    class_names = string_list(load_mat(meta), 'class_names', meta)
+    fields = (*_BOX_FIELDS, 'class', 'fname')
+    train = devkit / 'cars_train_annos.mat'
+    items = _items(train, struct_rows(load_mat(train), 'annotations', fields, train),
+                   require_dir(root / 'cars_train', 'CARS196 training images'), 'fname', len(class_names), crop)
+    test = next((p for p in (devkit / _TEST_ANNOS, root / _TEST_ANNOS) if p.is_file()), None)
+    if test is None:
+        _logger.info('CARS196: no %s in %s or %s, reading the official training half only (%d images)',
+                     _TEST_ANNOS, devkit, root, len(items))
+    else:
+        items += _items(test, struct_rows(load_mat(test), 'annotations', fields, test),
+                        require_dir(root / 'cars_test', f'CARS196 test images (annotated in {test})'), 'fname',
+                        len(class_names), crop)
+    return items, class_names
+
+
+def read_cars196(root: PathLike, crop: bool = False) -> Dict[str, ImageList]:
+    """Read CARS196 (combined ``cars_annos.mat`` or the official devkit files) with the zero-shot split.
+
+    Args:
+        root: Folder holding ``cars_annos.mat``, or ``devkit/`` and ``cars_train/`` (see the module docstring).
+        crop: Attach the annotated boxes so :class:`ImageDataset` crops to the car. Leave False when the images
+            were resized after annotation (the boxes would point at the wrong pixels).
+
+    Returns:
+        ``{'train': classes 1-98, 'test': classes 99-196}``, labels in class-id order, names from
+        ``class_names`` (e.g. ``'AM General Hummer SUV 2000'``).
+
+    Raises:
+        FileNotFoundError: If ``root`` or a needed file/folder is missing.
+        ValueError: If an annotation file is malformed.
+    """
+    root = require_dir(root, 'CARS196 root')
+    if (root / 'cars_annos.mat').is_file():
+        items, class_names = _read_combined(root, crop)
+    elif (root / 'devkit' / 'cars_train_annos.mat').is_file():
+        items, class_names = _read_devkit(root, crop)
+    else:
+        raise FileNotFoundError(f'CARS196: {root} holds neither cars_annos.mat nor devkit/cars_train_annos.mat '
+                                f'(the two published annotation formats)')
+    names = {i + 1: name for i, name in enumerate(class_names)}
+    return split_by_class_id(items, names, CARS196_NUM_TRAIN_CLASSES, 'CARS196', with_boxes=crop)
