@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-__all__ = ['atomic_path', 'atomic_write_json']
+__all__ = ['atomic_path', 'atomic_write_json', 'atomic_dir', 'resolve_dir']
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,3 +51,45 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n', encoding='utf-8')
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(f'.{path.name}.previous')
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it replaces the folder ``path`` as a whole.
+
+    POSIX cannot rename a folder over a non-empty one, so the swap is two renames: ``path`` -> ``.name.previous``,
+    then temporary -> ``path``. A crash between them leaves ``.name.previous`` complete, and :func:`resolve_dir`
+    returns it; a crash before them leaves ``path`` untouched. Readers should open folders through
+    :func:`resolve_dir`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, 'rb+') as fh:
+                os.fsync(fh.fileno())
+        previous = _previous(path)
+        if path.exists():
+            if previous.exists():  # leftover of a finished swap
+                shutil.rmtree(previous)
+            os.replace(path, previous)
+        os.replace(tmp, path)
+        # path is now complete and newer than any previous copy (also one left by an interrupted swap)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_dir(path: PathLike) -> Path:
+    """The folder written by :func:`atomic_dir` at ``path``, or its previous copy if a swap was interrupted."""
+    path = Path(path)
+    if not path.exists() and _previous(path).is_dir():
+        return _previous(path)
+    return path

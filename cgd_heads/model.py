@@ -52,6 +52,17 @@ class CGDModel(nn.Module):
     def feature_info(self) -> Any:
         return getattr(self.backbone, 'feature_info', None)
 
+    def save_pretrained(self, directory: Union[str, os.PathLike], extra: Optional[Dict[str, Any]] = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` to ``directory`` (see :mod:`cgd_heads.checkpoint`)."""
+        from .checkpoint import save_pretrained  # checkpoint builds models through this module
+        save_pretrained(self, directory, extra=extra)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: str = 'cpu') -> 'CGDModel':
+        """Rebuild a model saved with :meth:`save_pretrained`, fully offline."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(directory, map_location=map_location)
+
     def reset_classifier(self, num_classes: int) -> None:
         """Give the head a fresh auxiliary classifier for ``num_classes`` classes (0 removes it)."""
         self.head.reset_classifier(num_classes)

@@ -1,0 +1,338 @@
+"""CGD training: m-per-class batches, ranking + classification loss, validation-based model selection, resume.
+
+The loop is deliberately plain (one function, no callbacks). What it guarantees:
+
+* Batches of ``batch_size / m_per_class`` classes x ``m_per_class`` images (PML's ``MPerClassSampler``).
+* Model selection on a validation split of *training* classes, never on the test split.
+* Every epoch ends with an atomic checkpoint in ``out_dir/last`` (weights, optimizer, scheduler, AMP scaler,
+  history) and, when validation improves, ``out_dir/best``. Before every epoch all random generators are re-seeded
+  from ``(seed, epoch)``, so sampler order, augmentation and dropout of an epoch do not depend on what ran before:
+  a run resumed with ``resume=True`` reproduces the uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import timm
+import torch
+import torch.nn as nn
+from pytorch_metric_learning.samplers import MPerClassSampler
+from safetensors.torch import load_model
+from timm.scheduler import create_scheduler_v2
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .atomic import atomic_path, resolve_dir
+from .checkpoint import (WEIGHTS_NAME, config_diff, load_config, load_pretrained, load_training_state,
+                         save_pretrained)
+from .data import ImageDataset, ImageList, create_cgd_transform
+from .extract import extract_embeddings
+from .loss import CGDLoss
+from .metrics import evaluate_retrieval
+from .model import CGDModel, create_model
+from .runtime import amp_dtype, autocast, resolve_device, seed_everything
+
+__all__ = ['TrainConfig', 'TrainResult', 'train', 'build_model', 'data_config_of', 'freeze_batch_norm']
+
+_logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
+SCHEDULES = ('step', 'cosine', 'none')
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``train_config.json``). Defaults: the CGD recipe."""
+    model_name: str = 'resnet50'
+    descriptors: str = 'SG'
+    embed_dim: int = 1536
+    stride_mode: Optional[str] = 'strip'
+    pretrained: bool = False
+    checkpoint_path: Optional[str] = None
+    combine: str = 'concat'
+    gem_p: float = 3.0
+    learnable_p: bool = False
+    temperature: float = 0.5
+    label_smoothing: float = 0.1
+    margin: float = 0.1
+    aux_weight: float = 1.0  #: 0 trains with the ranking loss only (no classifier is built)
+    img_size: int = 224
+    resize_size: Optional[int] = None  #: train-time resize before the random crop; default img_size * 252 / 224
+    batch_size: int = 128
+    m_per_class: int = 4
+    iters_per_epoch: Optional[int] = None  #: default: one pass over the training images
+    epochs: int = 20
+    optimizer: str = 'adam'
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    sched: str = 'step'  #: 'step': x0.1 at 60% and 80% of the epochs; 'cosine'; 'none'
+    warmup_epochs: int = 0
+    freeze_bn: bool = False
+    clip_grad: Optional[float] = None
+    amp: str = 'auto'  #: 'auto' = bf16 (fp16 without bf16 support) on CUDA, none on CPU
+    device: str = 'auto'
+    seed: int = 0
+    num_workers: int = 2
+    val_classes: float = 0.1  #: classes held out of training for model selection: fraction or count; 0 = none
+    eval_every: int = 1
+    eval_batch_size: int = 128
+    select_metric: str = 'recall@1'
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ('embed_dim', 'img_size', 'batch_size', 'm_per_class', 'epochs', 'eval_every',
+                     'eval_batch_size'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f'{name} must be a positive int, got {value!r}')
+        if self.batch_size % self.m_per_class:
+            raise ValueError(f'batch_size={self.batch_size} must be a multiple of m_per_class={self.m_per_class} '
+                             f'(batches hold batch_size / m classes of m images)')
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}')
+        if self.sched not in SCHEDULES:
+            raise ValueError(f'sched must be one of {SCHEDULES}, got {self.sched!r}')
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f'lr must be a finite float > 0, got {self.lr!r}')
+        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
+            raise ValueError('weight_decay, warmup_epochs and num_workers must be >= 0')
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f'clip_grad must be > 0 or None, got {self.clip_grad!r}')
+        if self.val_classes < 0:
+            raise ValueError(f'val_classes must be >= 0 (a fraction < 1 or a class count), got {self.val_classes!r}')
+        if self.select_metric not in ('recall@1', 'map@r', 'precision@1'):
+            raise ValueError(f"select_metric must be 'recall@1', 'map@r' or 'precision@1', got {self.select_metric!r}")
+        if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
+            raise ValueError(f'iters_per_epoch must be a positive int or None, got {self.iters_per_epoch!r}')
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the selected model, where it is, and the per-epoch history."""
+    model: CGDModel
+    best_dir: Path
+    last_dir: Path
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    best_metric: Optional[float] = None
+
+
+def build_model(config: TrainConfig, num_classes: int) -> CGDModel:
+    """The model a TrainConfig describes, with an auxiliary classifier for ``num_classes`` (none if aux_weight=0)."""
+    return create_model(
+        config.model_name, descriptors=config.descriptors, embed_dim=config.embed_dim,
+        num_classes=num_classes if config.aux_weight > 0 else 0, pretrained=config.pretrained,
+        stride_mode=config.stride_mode, checkpoint_path=config.checkpoint_path, combine=config.combine,
+        gem_p=config.gem_p, learnable_p=config.learnable_p, temperature=config.temperature,
+        label_smoothing=config.label_smoothing)
+
+
+def data_config_of(model: nn.Module, img_size: int, resize_size: Optional[int] = None) -> Dict[str, Any]:
+    """Preprocessing of a model (timm's mean/std/interpolation) plus the CGD sizes, as stored in checkpoints."""
+    cfg = timm.data.resolve_model_data_config(model)
+    return {'mean': list(cfg['mean']), 'std': list(cfg['std']), 'interpolation': cfg.get('interpolation', 'bilinear'),
+            'img_size': img_size, 'resize_size': resize_size}
+
+
+def freeze_batch_norm(module: nn.Module) -> None:
+    """Put every BatchNorm of ``module`` in eval mode: running statistics stay those of the pretrained weights."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _check_sampler(train_list: ImageList, config: TrainConfig) -> None:
+    counts: Dict[int, int] = {}
+    for label in train_list.labels:
+        counts[label] = counts.get(label, 0) + 1
+    per_batch = config.batch_size // config.m_per_class
+    if len(counts) < per_batch:
+        raise ValueError(f'the training split has {len(counts)} classes but batch_size={config.batch_size} with '
+                         f'm_per_class={config.m_per_class} needs {per_batch} per batch; lower batch_size')
+    small = sorted((n, train_list.class_names[c]) for c, n in counts.items() if n < config.m_per_class)
+    if small:
+        listed = ', '.join(f'{name!r} ({n})' for n, name in small[:5])
+        raise ValueError(f'{len(small)} training classes have fewer than m_per_class={config.m_per_class} images, '
+                         f'e.g. {listed}; lower m_per_class or remove those classes')
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == 'sgd':
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    cls = torch.optim.AdamW if config.optimizer == 'adamw' else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
+    if config.sched == 'none':
+        return None
+    if config.sched == 'step':
+        milestones = sorted({max(1, round(config.epochs * f)) for f in (0.6, 0.8)})
+        return create_scheduler_v2(optimizer, sched='multistep', num_epochs=config.epochs,
+                                   decay_milestones=milestones, decay_rate=0.1, warmup_epochs=config.warmup_epochs,
+                                   warmup_lr=config.lr * 0.01)[0]
+    return create_scheduler_v2(optimizer, sched='cosine', num_epochs=config.epochs,
+                               warmup_epochs=config.warmup_epochs, warmup_lr=config.lr * 0.01)[0]
+
+
+def _loader(dataset: ImageDataset, config: TrainConfig, device: torch.device) -> DataLoader:
+    """A DataLoader of m-per-class batches. Built anew each epoch: PML's sampler permutes its class list in place,
+    so a sampler carried over from the previous epoch would make the batch order depend on history."""
+    iters = config.iters_per_epoch or max(1, len(dataset) // config.batch_size)
+    sampler = MPerClassSampler(dataset.labels, m=config.m_per_class, batch_size=config.batch_size,
+                               length_before_new_iter=iters * config.batch_size)
+    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                      drop_last=True, pin_memory=device.type == 'cuda')
+
+
+def validate(model: nn.Module, image_list: ImageList, data_config: Dict[str, Any], device: torch.device,
+             batch_size: int = 128, num_workers: int = 0, amp: Optional[torch.dtype] = None,
+             progress: bool = False) -> Dict[str, float]:
+    """Recall@1/2/4/8, precision@1 and MAP@R of ``model`` on ``image_list`` (every image a query vs the rest)."""
+    dataset = ImageDataset(image_list, create_cgd_transform(data_config, False, data_config['img_size']))
+    embeddings, labels = extract_embeddings(model, dataset, batch_size=batch_size, device=device,
+                                            num_workers=num_workers, amp_dtype=amp, progress=progress)
+    return evaluate_retrieval(embeddings, labels, ks=(1, 2, 4, 8))
+
+
+def _append_jsonl(path: Path, rows: List[Dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(''.join(json.dumps(r, sort_keys=True) + '\n' for r in rows), encoding='utf-8')
+
+
+def train(
+        config: TrainConfig,
+        train_list: ImageList,
+        out_dir: Union[str, Path],
+        resume: bool = False,
+        val_list: Optional[ImageList] = None,
+        skip_bad_images: bool = False,
+        extra: Optional[Dict[str, Any]] = None,
+) -> TrainResult:
+    """Train a CGD model on ``train_list`` and write checkpoints under ``out_dir``.
+
+    Args:
+        config: The run's settings.
+        train_list: Training images; ``config.val_classes`` of its classes are held out for validation unless
+            ``val_list`` is given.
+        out_dir: Run folder: ``train_config.json``, ``metrics.jsonl``, ``last/``, ``best/``.
+        resume: Continue from ``out_dir/last``. Without it an existing run in ``out_dir`` is an error (never
+            overwritten).
+        val_list: Explicit validation images (classes disjoint from training), instead of ``val_classes``.
+        skip_bad_images: Skip unreadable images (logged) instead of failing.
+        extra: JSON entries added to the checkpoints' ``config.json`` (e.g. the data set name).
+
+    Returns:
+        A :class:`TrainResult` whose model holds the best validation weights (the last ones without validation).
+    """
+    out_dir = Path(out_dir)
+    last_dir, best_dir = out_dir / 'last', out_dir / 'best'
+    has_run = resolve_dir(last_dir).exists()
+    if has_run and not resume:
+        raise ValueError(f'{out_dir} already holds a training run; pass resume=True (--resume) to continue it or '
+                         f'choose another output folder')
+    if resume and not has_run:
+        raise ValueError(f'nothing to resume: {last_dir} does not exist')
+    if val_list is None and config.val_classes:
+        train_list, val_list = train_list.split_classes(config.val_classes, seed=config.seed)
+    _check_sampler(train_list, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    device = resolve_device(config.device)
+    dtype = amp_dtype(config.amp, device)
+    seed_everything(config.seed)
+    model = build_model(config, train_list.num_classes).to(device)
+    data_config = data_config_of(model, config.img_size, config.resize_size)
+    criterion = CGDLoss(margin=config.margin, aux_weight=config.aux_weight,
+                        aux_loss=model.head.aux_head.loss if model.head.aux_head is not None else None)
+    optimizer = _make_optimizer(model, config)
+    scheduler = _make_scheduler(optimizer, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    run_config = dataclasses.asdict(config)
+
+    start_epoch, best_metric, history = 0, None, []
+    if resume:
+        saved = load_config(last_dir)
+        diff = config_diff({k: v for k, v in run_config.items() if k not in ('progress', 'num_workers', 'device')},
+                           {k: v for k, v in saved.get('train', {}).items()
+                            if k not in ('progress', 'num_workers', 'device')})
+        if diff:
+            raise ValueError(f'cannot resume {out_dir}: the settings differ from the saved run: {"; ".join(diff)} '
+                             f'(now != saved)')
+        state = load_training_state(last_dir, map_location=device)
+        load_model(model, str(resolve_dir(last_dir) / WEIGHTS_NAME), device=str(device))
+        optimizer.load_state_dict(state['optimizer'])
+        if scheduler is not None:
+            scheduler.load_state_dict(state['scheduler'])
+        scaler.load_state_dict(state['scaler'])
+        start_epoch, best_metric, history = state['epoch'] + 1, state['best_metric'], state['history']
+        _logger.info('resuming %s at epoch %d', out_dir, start_epoch + 1)
+    (out_dir / 'train_config.json').write_text(json.dumps(run_config, indent=2, sort_keys=True) + '\n')
+
+    dataset = ImageDataset(train_list, create_cgd_transform(data_config, True, config.img_size, config.resize_size),
+                           skip_bad_images=skip_bad_images)
+    ckpt_extra = dict(extra or {}, data=data_config, train=run_config, class_names=train_list.class_names)
+    for epoch in range(start_epoch, config.epochs):
+        seed_everything(config.seed * 100003 + epoch)  # epoch state is a function of (seed, epoch): exact resume
+        loader = _loader(dataset, config, device)
+        model.train()
+        if config.freeze_bn:
+            freeze_batch_norm(model.backbone)
+        totals: Dict[str, float] = {}
+        start, seen = time.time(), 0
+        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{config.epochs}', unit='batch', disable=not config.progress)
+        for images, labels in bar:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                embeddings, logits = model.forward_train(images)
+            loss = criterion(embeddings, labels, logits)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f'non-finite loss {loss.item()} at epoch {epoch + 1}; parts '
+                                         f'{ {k: float(v) for k, v in criterion.last_parts.items()} }. Lower lr or '
+                                         f'use --amp none; the last checkpoint in {last_dir} is intact')
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            seen += len(labels)
+            for key, value in criterion.last_parts.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+            bar.set_postfix(loss=f'{float(criterion.last_parts["total"]):.4f}', img_s=f'{seen / (time.time() - start):.1f}')
+        steps = len(loader)
+        row: Dict[str, Any] = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'],
+                               'seconds': round(time.time() - start, 2), 'images_per_s': round(seen / (time.time() - start), 2)}
+        row.update({f'loss_{k}': v / steps for k, v in totals.items()})
+        if scheduler is not None:
+            scheduler.step(epoch + 1)
+        improved = False
+        if val_list is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            metrics = validate(model, val_list, data_config, device, config.eval_batch_size, config.num_workers,
+                               dtype, progress=False)
+            row.update({f'val_{k}': v for k, v in metrics.items()})
+            score = metrics[config.select_metric]
+            improved = best_metric is None or score > best_metric
+            best_metric = score if improved else best_metric
+        elif val_list is None:
+            improved = True  # nothing to select with: the latest model is the best we know
+        history.append(row)
+        _logger.info('epoch %d: %s', epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        if improved:
+            save_pretrained(model, best_dir, extra=dict(ckpt_extra, epoch=epoch + 1, metrics=row))
+        state = {'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict() if scheduler else None,
+                 'scaler': scaler.state_dict(), 'epoch': epoch, 'best_metric': best_metric, 'history': history}
+        save_pretrained(model, last_dir, extra=dict(ckpt_extra, epoch=epoch + 1, metrics=row), training_state=state)
+        _append_jsonl(out_dir / 'metrics.jsonl', history)
+
+    best = load_pretrained(best_dir, map_location=device) if resolve_dir(best_dir).exists() else model
+    return TrainResult(model=best, best_dir=best_dir, last_dir=last_dir, history=history, best_metric=best_metric)

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny generated image-folder data set and the location of the real shared data."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+#: Real data sets (read-only); override with CGD_HEADS_DATA.
+SHARED_DATA = Path(os.environ.get('CGD_HEADS_DATA', REPO.parent / 'shared' / 'data'))
+
+
+def write_shapes_folder(root: Path, num_classes: int = 8, per_class: int = 6, size: int = 24, seed: int = 0) -> Path:
+    """Class c = a bright square at a class-specific position and colour, plus noise: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        folder = root / f'class_{c:02d}'
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            y, x = (c * 5) % (size - 8), (c * 7) % (size - 8)
+            img[y:y + 8, x:x + 8] = (np.array([40 * (c % 6), 255 - 30 * c, 120]) + rng.integers(0, 30, 3)).clip(0, 255)
+            Image.fromarray(img).save(folder / f'{i}.png')
+    return root
+
+
+@pytest.fixture
+def shapes_folder(tmp_path: Path) -> Path:
+    return write_shapes_folder(tmp_path / 'shapes')

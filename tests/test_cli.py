@@ -1,0 +1,89 @@
+"""The command-line pipeline end to end on a tiny generated data set, and its one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cgd_heads.cli import eval_main, index_main, search_main, train_main
+
+TRAIN = ['--model', 'test_resnet', '--embed-dim', '16', '--img-size', '24', '--batch-size', '8',
+         '--m-per-class', '2', '--epochs', '2', '--lr', '1e-3', '--num-workers', '0', '--quiet']
+
+
+def test_train_eval_index_search(shapes_folder, tmp_path, capsys):
+    run = tmp_path / 'run'
+    assert train_main(['--data', str(shapes_folder), '--train-classes', '6', '--val-classes', '2',
+                       '--out', str(run), *TRAIN]) == 0
+    out = capsys.readouterr().out
+    assert 'best checkpoint' in out and 'recall@1' in out
+    test_metrics = json.loads((run / 'test_metrics.json').read_text())
+    assert test_metrics['num_queries'] == 2 * 6  # the last 2 of the 8 classes are the test split
+
+    assert eval_main(['--checkpoint', str(run / 'best'), '--data', str(shapes_folder), '--train-classes', '6',
+                      '--ks', '1,2', '--flip', '--scales', '1,0.75', '--output', str(tmp_path / 'm.json'),
+                      '--num-workers', '0', '--quiet']) == 0
+    metrics = json.loads((tmp_path / 'm.json').read_text())
+    assert set(metrics) >= {'recall@1', 'recall@2', 'map@r'} and metrics['flip'] is True
+
+    index_dir = tmp_path / 'index'
+    assert index_main(['--checkpoint', str(run / 'best'), '--images', str(shapes_folder), '--out', str(index_dir),
+                       '--num-workers', '0', '--quiet']) == 0
+    capsys.readouterr()
+    query = shapes_folder / 'class_07' / '0.png'
+    assert search_main([str(query), '--index', str(index_dir), '--k', '3', '--json',
+                        '--grid', str(tmp_path / 'grid.png')]) == 0
+    results = json.loads(capsys.readouterr().out.split('grid:')[0])
+    top = results[0]['results']
+    assert len(top) == 3 and top[0]['path'] == str(query) and top[0]['score'] == pytest.approx(1.0, abs=1e-3)
+    assert top[0]['label'] == 'class_07'
+    assert (tmp_path / 'grid.png').stat().st_size > 0
+
+
+def test_resume_flag_continues_a_run(shapes_folder, tmp_path, monkeypatch):
+    import cgd_heads.train as train_module
+    args = ['--data', str(shapes_folder), '--train-classes', '6', '--val-classes', '0', '--out',
+            str(tmp_path / 'run'), '--no-test', *TRAIN]
+    real_append = train_module._append_jsonl
+
+    def interrupt_after_first_epoch(path, rows):
+        real_append(path, rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, '_append_jsonl', interrupt_after_first_epoch)
+    assert train_main(args) == 130
+    monkeypatch.setattr(train_module, '_append_jsonl', real_append)
+    assert train_main(args) == 2  # the run exists: refused without --resume
+    assert train_main([*args, '--resume']) == 0
+    rows = (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(r)['epoch'] for r in rows] == [1, 2]
+
+
+@pytest.mark.parametrize('case, extra', [
+    ('missing', ['--train-classes', '6']),
+    ('empty', ['--train-classes', '6']),
+    ('no_eval_classes', ['--train-classes', '8']),
+    ('too_few_images', ['--train-classes', '6', '--m-per-class', '8', '--batch-size', '16', '--val-classes', '0']),
+    ('out_not_dir', ['--train-classes', '6']),
+])
+def test_user_errors_are_one_line(case, extra, shapes_folder, tmp_path, capsys):
+    data, out = shapes_folder, tmp_path / 'run'
+    if case == 'missing':
+        data = tmp_path / 'nowhere'
+    elif case == 'empty':
+        data = tmp_path / 'empty'
+        data.mkdir()
+    elif case == 'out_not_dir':
+        (tmp_path / 'file').write_text('x')
+        out = tmp_path / 'file' / 'run'
+    assert train_main([*TRAIN, '--data', str(data), '--out', str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('cgd-train: error: '), err
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, '-c', 'import sys; from cgd_heads.cli import eval_main; '
+                           'sys.exit(eval_main())', '--checkpoint', str(tmp_path), '--data', str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert 'Traceback' not in proc.stderr and 'cgd-eval: error:' in proc.stderr

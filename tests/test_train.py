@@ -1,0 +1,106 @@
+"""Training loop: learning happens, checkpoints are complete, a resumed run equals an uninterrupted one."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cgd_heads.train as train_module
+from cgd_heads.checkpoint import load_config, load_pretrained, load_training_state
+from cgd_heads.data import load_splits
+from cgd_heads.train import TrainConfig, train
+
+TINY = dict(model_name='test_resnet', embed_dim=16, img_size=24, resize_size=28, batch_size=8, m_per_class=2,
+            epochs=2, lr=1e-3, num_workers=0, progress=False, val_classes=2, eval_batch_size=16, seed=3)
+
+
+def test_train_writes_checkpoints_and_metrics(shapes_folder, tmp_path):
+    splits = load_splits('folder', shapes_folder)
+    result = train(TrainConfig(**TINY), splits['all'], tmp_path / 'run')
+    rows = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [1, 2]
+    assert all('val_recall@1' in r and r['loss_total'] > 0 for r in rows)
+    config = load_config(tmp_path / 'run' / 'best')
+    assert config['model']['model_name'] == 'test_resnet' and config['data']['img_size'] == 24
+    assert len(config['class_names']) == 6  # 8 classes, 2 held out for validation
+    assert config['model']['num_classes'] == 6
+    best = rows[[r['val_recall@1'] for r in rows].index(result.best_metric)]
+    assert config['epoch'] == best['epoch']
+    x = torch.randn(2, 3, 24, 24)
+    torch.testing.assert_close(load_pretrained(tmp_path / 'run' / 'best').eval()(x), result.model.eval()(x))
+
+
+def test_existing_run_is_never_overwritten(shapes_folder, tmp_path):
+    splits = load_splits('folder', shapes_folder)
+    train(TrainConfig(**dict(TINY, epochs=1)), splits['all'], tmp_path / 'run')
+    with pytest.raises(ValueError, match='already holds a training run'):
+        train(TrainConfig(**dict(TINY, epochs=1)), splits['all'], tmp_path / 'run')
+    with pytest.raises(ValueError, match='nothing to resume'):
+        train(TrainConfig(**TINY), splits['all'], tmp_path / 'other', resume=True)
+
+
+def test_resume_reproduces_the_uninterrupted_run(shapes_folder, tmp_path, monkeypatch):
+    splits = load_splits('folder', shapes_folder)
+    config = TrainConfig(**dict(TINY, epochs=3, sched='step'))
+    full = train(config, splits['all'], tmp_path / 'full')
+
+    real_append = train_module._append_jsonl
+
+    def crash_after_first_epoch(path, rows):
+        real_append(path, rows)
+        if len(rows) == 1:
+            raise KeyboardInterrupt  # the process dies after epoch 1 was checkpointed
+
+    monkeypatch.setattr(train_module, '_append_jsonl', crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, splits['all'], tmp_path / 'resumed')
+    monkeypatch.setattr(train_module, '_append_jsonl', real_append)
+    assert load_training_state(tmp_path / 'resumed' / 'last')['epoch'] == 0
+    resumed = train(config, splits['all'], tmp_path / 'resumed', resume=True)
+
+    a = load_file(str(tmp_path / 'full' / 'last' / 'model.safetensors'))
+    b = load_file(str(tmp_path / 'resumed' / 'last' / 'model.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k not in ('seconds', 'images_per_s')} for r in resumed.history]
+    assert strip == [{k: v for k, v in r.items() if k not in ('seconds', 'images_per_s')} for r in full.history]
+
+
+def test_resume_refuses_changed_settings(shapes_folder, tmp_path):
+    splits = load_splits('folder', shapes_folder)
+    train(TrainConfig(**dict(TINY, epochs=1)), splits['all'], tmp_path / 'run')
+    with pytest.raises(ValueError, match='embed_dim: 32 != 16'):
+        train(TrainConfig(**dict(TINY, embed_dim=32)), splits['all'], tmp_path / 'run', resume=True)
+
+
+def test_training_improves_retrieval_on_held_out_classes(tmp_path):
+    from conftest import write_shapes_folder
+    splits = load_splits('folder', write_shapes_folder(tmp_path / 'shapes', num_classes=12, per_class=8),
+                         train_classes=8)
+    config = TrainConfig(**dict(TINY, epochs=6, val_classes=0, lr=3e-3))
+    from cgd_heads.train import build_model, validate, data_config_of
+    from cgd_heads.runtime import seed_everything
+    seed_everything(config.seed)
+    untrained = build_model(config, 8)
+    data_config = data_config_of(untrained, config.img_size)
+    before = validate(untrained, splits['test'], data_config, torch.device('cpu'))
+    result = train(config, splits['train'], tmp_path / 'run')
+    after = validate(result.model, splits['test'], data_config, torch.device('cpu'))
+    assert after['map@r'] > before['map@r'] + 0.1, (before, after)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(batch_size=10, m_per_class=4), 'multiple of m_per_class'),
+    (dict(optimizer='lion'), 'optimizer'), (dict(sched='linear'), 'sched'), (dict(lr=0.0), 'lr'),
+    (dict(epochs=0), 'epochs'), (dict(select_metric='recall@2'), 'select_metric'),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_sampler_requirements_are_checked_before_training(shapes_folder, tmp_path):
+    splits = load_splits('folder', shapes_folder)
+    with pytest.raises(ValueError, match='needs 16 per batch'):
+        train(TrainConfig(**dict(TINY, batch_size=32, m_per_class=2)), splits['all'], tmp_path / 'a')
+    with pytest.raises(ValueError, match='fewer than m_per_class=8 images'):
+        train(TrainConfig(**dict(TINY, batch_size=8, m_per_class=8, val_classes=0)), splits['all'], tmp_path / 'b')
