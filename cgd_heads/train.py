@@ -56,6 +56,7 @@ class TrainConfig:
     stride_mode: Optional[str] = 'strip'
     pretrained: bool = False
     checkpoint_path: Optional[str] = None
+    pretrained_from: Optional[str] = None  #: a pip package shipping ImageNet weights (see cgd_heads.weights)
     combine: str = 'concat'
     gem_p: float = 3.0
     learnable_p: bool = False
@@ -129,7 +130,8 @@ def build_model(config: TrainConfig, num_classes: int) -> CGDModel:
     return create_model(
         config.model_name, descriptors=config.descriptors, embed_dim=config.embed_dim,
         num_classes=num_classes if config.aux_weight > 0 else 0, pretrained=config.pretrained,
-        stride_mode=config.stride_mode, checkpoint_path=config.checkpoint_path, combine=config.combine,
+        stride_mode=config.stride_mode, checkpoint_path=config.checkpoint_path,
+        pretrained_from=config.pretrained_from, combine=config.combine,
         gem_p=config.gem_p, learnable_p=config.learnable_p, temperature=config.temperature,
         label_smoothing=config.label_smoothing)
 
