@@ -16,7 +16,7 @@ import signal
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -44,6 +44,12 @@ def representative(module: str) -> Optional[str]:
     return best[1] if best else None
 
 
+def input_size(pretrained_cfg: Dict[str, object], round_up: bool) -> Tuple[int, int, int]:
+    """The model's own input size; CNN sizes rounded up to a multiple of 32 so 'doubled' is exact (176 -> 192)."""
+    c, h, w = pretrained_cfg.get('input_size') or (3, 224, 224)
+    return (c, -(-h // 32) * 32, -(-w // 32) * 32) if round_up else (c, h, w)
+
+
 class Timeout(Exception):
     pass
 
@@ -60,7 +66,7 @@ def check(name: str, mode: Optional[str], seconds: int) -> Dict[str, object]:
     try:
         torch.manual_seed(0)
         model = create_model(name, descriptors='SMG', embed_dim=48, num_classes=4, stride_mode=mode)
-        size = tuple(model.pretrained_cfg.get('input_size') or (3, 224, 224))
+        size = input_size(model.pretrained_cfg, round_up=model.head.input_fmt == 'NCHW')
         row['input'] = 'x'.join(map(str, size[1:]))
         out = feature_map_size(model.backbone, size)
         row['fmt'] = model.head.input_fmt

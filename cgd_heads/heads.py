@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from .pooling import INPUT_FORMATS, GeneralizedPooling
 
-__all__ = ['CGDHead', 'AuxSoftmaxHead', 'DESCRIPTOR_LETTERS', 'COMBINE_MODES', 'parse_descriptors']
+__all__ = ['CGDHead', 'AuxSoftmaxHead', 'DESCRIPTOR_LETTERS', 'COMBINE_MODES', 'parse_descriptors', 'prepare_features',
+           'check_labels']
 
 #: Letter -> (name, fixed p). 'G' takes its p from ``gem_p``.
 DESCRIPTOR_LETTERS = {'S': ('SPoC', 1.0), 'M': ('MAC', math.inf), 'G': ('GeM', None)}
@@ -115,6 +116,28 @@ def check_labels(labels: torch.Tensor, batch_size: int, num_classes: Optional[in
                              f'got values in [{low}, {high}]')
 
 
+def prepare_features(x: torch.Tensor, in_features: int, input_fmt: str, num_prefix_tokens: int = 0,
+                     owner: str = 'CGDHead') -> torch.Tensor:
+    """Check a feature map against the head's configuration and drop the prefix tokens of an NLC sequence.
+
+    A wrong layout gets a message naming the expected one instead of a matmul shape error later.
+    """
+    channel_dim = 1 if input_fmt == 'NCHW' else -1
+    expected_ndim = 3 if input_fmt == 'NLC' else 4
+    if x.ndim != expected_ndim or x.shape[channel_dim] != in_features:
+        layout = '(N, L, C)' if input_fmt == 'NLC' else f'{input_fmt} (N, {", ".join(input_fmt[1:])})'
+        raise ValueError(f'{owner}(in_features={in_features}, input_fmt={input_fmt!r}) expects {layout} features '
+                         f'with C={in_features}, got shape {tuple(x.shape)}')
+    if not x.is_floating_point():
+        raise TypeError(f'{owner} expects floating point features, got dtype {x.dtype}')
+    if num_prefix_tokens:
+        if x.shape[1] <= num_prefix_tokens:
+            raise ValueError(f'got {x.shape[1]} tokens but num_prefix_tokens={num_prefix_tokens}: '
+                             f'no patch tokens left to pool')
+        x = x[:, num_prefix_tokens:]
+    return x
+
+
 class CGDHead(nn.Module):
     """Combination of multiple Global Descriptors on one backbone feature map.
 
@@ -213,25 +236,9 @@ class CGDHead(nn.Module):
         return (f'in_features={self.in_features}, descriptors={self.descriptors!r}, embed_dim={self.embed_dim}, '
                 f'combine={self.combine!r}, input_fmt={self.input_fmt!r}')
 
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        channel_dim = 1 if self.input_fmt == 'NCHW' else -1
-        expected_ndim = 3 if self.input_fmt == 'NLC' else 4
-        if x.ndim != expected_ndim or x.shape[channel_dim] != self.in_features:
-            layout = '(N, L, C)' if self.input_fmt == 'NLC' else f'{self.input_fmt} (N, {", ".join(self.input_fmt[1:])})'
-            raise ValueError(f'CGDHead(in_features={self.in_features}, input_fmt={self.input_fmt!r}) expects '
-                             f'{layout} features with C={self.in_features}, got shape {tuple(x.shape)}')
-        if not x.is_floating_point():
-            raise TypeError(f'CGDHead expects floating point features, got dtype {x.dtype}')
-        if self.num_prefix_tokens:
-            if x.shape[1] <= self.num_prefix_tokens:
-                raise ValueError(f'got {x.shape[1]} tokens but num_prefix_tokens={self.num_prefix_tokens}: '
-                                 f'no patch tokens left to pool')
-            x = x[:, self.num_prefix_tokens:]
-        return x
-
     def forward_branches(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Per-branch outputs: the pooled vectors ``pool_i(X)`` and the normalised descriptors ``phi_i``."""
-        x = self._check_input(x)
+        x = prepare_features(x, self.in_features, self.input_fmt, self.num_prefix_tokens, type(self).__name__)
         pooled = [pool(x) for pool in self.pools]
         return pooled, [F.normalize(fc(v), dim=-1) for fc, v in zip(self.fcs, pooled)]
 

@@ -14,7 +14,7 @@ __all__ = ['CGDLoss']
 
 
 class CGDLoss(nn.Module):
-    """``L = L_rank(embeddings) + aux_weight * L_cls(logits)``, as trained end to end in CGD.
+    """``L = ranking_weight * L_rank(embeddings) + aux_weight * L_cls(logits)``, as trained end to end in CGD.
 
     The default ranking loss is the batch-hard triplet loss with margin m on the combined descriptor: for every
     anchor a with at least one positive and one negative in the batch,
@@ -32,6 +32,7 @@ class CGDLoss(nn.Module):
         aux_weight: Weight of the classification term, >= 0.
         aux_loss: ``aux_loss(logits, labels) -> scalar``; default cross-entropy with label smoothing 0.1. Pass
             ``head.aux_head.loss`` so the head's own ``label_smoothing`` is the single source of truth.
+        ranking_weight: Weight of the ranking term, >= 0 (0: classification only, an ablation of the paper).
 
     After each call ``last_parts`` holds the detached parts (``'ranking'``, ``'classification'``, ``'total'``)
     for logging.
@@ -50,12 +51,14 @@ class CGDLoss(nn.Module):
             miner: Optional[nn.Module] = None,
             aux_weight: float = 1.0,
             aux_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+            ranking_weight: float = 1.0,
     ):
         super().__init__()
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
             raise ValueError(f'margin must be a float > 0 (CGD uses 0.1), got {margin!r}')
-        if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float)) or not aux_weight >= 0:
-            raise ValueError(f'aux_weight must be a float >= 0, got {aux_weight!r}')
+        for name, weight in (('aux_weight', aux_weight), ('ranking_weight', ranking_weight)):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                raise ValueError(f'{name} must be a float >= 0, got {weight!r}')
         if metric_loss is not None and not callable(metric_loss):
             raise TypeError(f'metric_loss must be a pytorch-metric-learning loss, got {type(metric_loss).__name__}')
         if miner is not None and not callable(miner):
@@ -69,6 +72,7 @@ class CGDLoss(nn.Module):
         self.metric_loss = metric_loss
         self.miner = miner
         self.aux_weight = float(aux_weight)
+        self.ranking_weight = float(ranking_weight)
         self.aux_loss = aux_loss
         self.last_parts: Dict[str, torch.Tensor] = {}
 
@@ -93,7 +97,7 @@ class CGDLoss(nn.Module):
         embeddings = embeddings.float()
         indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
         ranking = self.metric_loss(embeddings, labels, indices_tuple)
-        total = ranking
+        total = self.ranking_weight * ranking
         parts = {'ranking': ranking.detach()}
         if logits is not None:
             if logits.ndim != 2 or logits.shape[0] != embeddings.shape[0]:

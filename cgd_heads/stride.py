@@ -220,7 +220,8 @@ def strip_last_stride(
     Raises:
         ValueError: ``mode`` is invalid, the model has no spatial map (a plain ViT returns tokens: nothing to
             strip), or its last downsampling is not done by strided conv/pool layers (e.g. patch merging by
-            reshaping); the model is left unchanged.
+            reshaping), so the final map would not become the map that entered the last step (twice the size for
+            even sizes); the model is left unchanged.
 
     Example:
         >>> backbone = timm.create_model('resnet50', pretrained=False, num_classes=0, global_pool='')
@@ -262,11 +263,14 @@ def strip_last_stride(
         rev.undo()
         raise ValueError(f'{cls}: stripping the last stride broke the forward pass ({e}); model left unchanged. '
                          f'Use stride_mode=None.') from e
-    if new_hw != (2 * final_hw[0], 2 * final_hw[1]):
+    # The final map must now have the resolution that entered the last step: twice the old one for even sizes
+    # (14 -> 7 -> 14), and e.g. 11 where an odd 11 had been downsampled to 6.
+    expected = max(c.in_hw for c in last_step)
+    if new_hw != expected:
         rev.undo()
         raise ValueError(
-            f'{cls}: after stripping {[c.name for c in last_step]} the final map is {new_hw}, not twice '
-            f'{final_hw}: some downsampling of the last step is done outside strided conv/pool layers. '
+            f'{cls}: after stripping {[c.name for c in last_step]} the final map is {new_hw}, not the {expected} that '
+            f'entered the last downsampling step: some of that step is done outside strided conv/pool layers. '
             f'Model left unchanged; use stride_mode=None.')
     _update_feature_info(model)
     _logger.info('%s: stripped the last stride (%s) at %s%s; final map %s -> %s', cls, mode,

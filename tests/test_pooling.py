@@ -182,3 +182,10 @@ def test_bad_inputs():
 
 def test_empty_batch_returns_empty():
     assert GeneralizedPooling()(torch.rand(0, 3, 4, 4)).shape == (0, 3)
+
+
+def test_loading_a_fixed_p_updates_the_pooling():
+    source, target = GeneralizedPooling(p=5.0), GeneralizedPooling(p=3.0)
+    target.load_state_dict(source.state_dict())
+    x = torch.rand(2, 4, 3, 3)
+    torch.testing.assert_close(target(x), source(x))

