@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from cgd_heads import GeneralizedPooling, create_model
-from cgd_heads.data import ImageList, load_splits
+from cgd_heads.data import load_splits
 from cgd_heads.feature_cache import cached_feature_maps
 from cgd_heads.head_training import HeadTrainConfig, embed_features, train_head
 from cgd_heads.metrics import evaluate_retrieval

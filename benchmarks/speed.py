@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cgd_heads import CGDHead, CGDLoss, GeneralizedPooling, create_model
+from cgd_heads import CGDLoss, GeneralizedPooling, create_model
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'speed.md'
 

@@ -27,7 +27,7 @@ from .atomic import atomic_dir, resolve_dir
 from .model import CGDModel, create_model
 
 __all__ = [
-    'save_pretrained', 'load_pretrained', 'load_config', 'config_diff', 'save_training_state',
+    'save_pretrained', 'load_pretrained', 'load_config', 'config_diff',
     'load_training_state', 'CONFIG_NAME', 'WEIGHTS_NAME', 'TRAINING_STATE_NAME', 'FORMAT_VERSION',
 ]
 

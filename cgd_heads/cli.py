@@ -52,7 +52,7 @@ def _ks(text: str) -> Tuple[int, ...]:
     try:
         ks = tuple(int(k) for k in text.split(','))
     except ValueError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated integers such as 1,2,4,8, got {text!r}')
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers such as 1,2,4,8, got {text!r}') from None
     if not ks or min(ks) < 1:
         raise argparse.ArgumentTypeError(f'K values must be positive, got {text!r}')
     return ks
@@ -62,7 +62,7 @@ def _floats(text: str) -> Tuple[float, ...]:
     try:
         return tuple(float(s) for s in text.split(','))
     except ValueError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated numbers such as 1,0.75, got {text!r}')
+        raise argparse.ArgumentTypeError(f'expected comma-separated numbers such as 1,0.75, got {text!r}') from None
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:

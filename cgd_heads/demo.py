@@ -2,8 +2,9 @@
 
 Without ``--data`` the demo writes scikit-learn's bundled handwritten digits (1,797 8x8 images, no download) as an
 image folder under ``--out`` (randomly scaled, rotated and shifted, with distractor strokes), trains on digits 0-5
-and evaluates zero-shot retrieval on the unseen digits 6-9 against the same network before training. With ``--data`` the same steps run on any data set the readers
-know (an image folder, CUB200, CARS196, SOP, In-shop, Omniglot...).
+and evaluates zero-shot retrieval on the unseen digits 6-9 against the same network before training. With
+``--data`` the same steps run on any data set the readers know (an image folder, CUB200, CARS196, SOP, In-shop,
+Omniglot...).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,6 @@ STRIDE_MODES = ('strip', 'dilate')
 # Layers that compute their own 'same' padding from their stride at call time: setting stride 1 is enough.
 _DYNAMIC_PAD = (Conv2dSame, AvgPool2dSame, MaxPool2dSame, BlurPool2d)
 _SPATIAL_OPS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, BlurPool2d)
-_SAVED_ATTRS = ('stride', 'padding', 'dilation', 'ceil_mode', '_reversed_padding_repeated_twice')
 
 
 @dataclass

@@ -288,7 +288,7 @@ def train(
         model.train()
         if config.freeze_bn:
             freeze_batch_norm(model.backbone)
-        totals: Dict[str, float] = {}
+        totals: Dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
         start, seen = time.time(), 0
         bar = tqdm(loader, desc=f'epoch {epoch + 1}/{config.epochs}', unit='batch', disable=not config.progress)
         for images, labels in bar:
@@ -309,12 +309,14 @@ def train(
             scaler.update()
             seen += len(labels)
             for key, value in criterion.last_parts.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-            bar.set_postfix(loss=f'{float(criterion.last_parts["total"]):.4f}', img_s=f'{seen / (time.time() - start):.1f}')
-        steps = len(loader)
-        row: Dict[str, Any] = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'],
-                               'seconds': round(time.time() - start, 2), 'images_per_s': round(seen / (time.time() - start), 2)}
-        row.update({f'loss_{k}': v / steps for k, v in totals.items()})
+                totals[key] = totals[key] + value if key in totals else value
+            if config.progress and bar.n % 10 == 0:
+                bar.set_postfix(loss=f'{float(criterion.last_parts["total"]):.4f}',
+                                img_s=f'{seen / (time.time() - start):.1f}')
+        steps, seconds = len(loader), time.time() - start
+        row: Dict[str, Any] = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'], 'seconds': round(seconds, 2),
+                               'images_per_s': round(seen / seconds, 2)}
+        row.update({f'loss_{k}': float(v) / steps for k, v in totals.items()})
         if scheduler is not None:
             scheduler.step(epoch + 1)
         improved = False
