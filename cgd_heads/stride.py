@@ -231,9 +231,13 @@ def strip_last_stride(
     if not isinstance(model, nn.Module):
         raise TypeError(f'model must be a torch.nn.Module, got {type(model).__name__}')
     input_size = tuple(input_size) if input_size is not None else _default_input_size(model)
-    calls, out = _trace(model, input_size)
-    final_hw = _spatial_hw(model, out)
     cls = type(model).__name__
+    try:
+        calls, out = _trace(model, input_size)
+    except Exception as e:  # the model's own error, e.g. a shape mismatch deep inside
+        raise ValueError(f'{cls}: a forward pass of one {input_size} image failed ({type(e).__name__}: {e}); '
+                         f'strip_last_stride needs an image model, and input_size= if it expects another size') from e
+    final_hw = _spatial_hw(model, out)
     if final_hw is None:
         raise ValueError(
             f'{cls} returns features of shape {tuple(out.shape)} (tokens, not a spatial map): there is no '
