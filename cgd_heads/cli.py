@@ -25,11 +25,11 @@ from .runtime import amp_dtype, resolve_device
 from .train import TrainConfig, train
 from .visualize import save_retrieval_grid
 
-__all__ = ['train_main', 'eval_main', 'index_main', 'search_main', 'run_cli']
+__all__ = ['train_main', 'eval_main', 'index_main', 'search_main', 'export_main', 'run_cli']
 
 _logger = logging.getLogger(__name__)
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, BadImageError,
-                FloatingPointError, KeyError)
+                FloatingPointError, KeyError, ImportError)
 
 
 def run_cli(prog: str, fn: Callable[[], Any]) -> int:
@@ -350,3 +350,28 @@ def search_main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     return run_cli('cgd-search', lambda: _search(_search_parser().parse_args(argv)))
 
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='cgd-export', description='Export a checkpoint to ONNX (image -> embedding), '
+                                'verified with onnxruntime.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--checkpoint', required=True, help='checkpoint folder (e.g. RUN/best)')
+    p.add_argument('--out', required=True, help='.onnx file to write')
+    p.add_argument('--img-size', type=int, default=None, help='default: the size the model was trained at')
+    p.add_argument('--opset', type=int, default=18)
+    p.add_argument('--no-verify', action='store_true', help='skip the onnxruntime comparison')
+    return p
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_onnx
+    config = load_config(args.checkpoint)
+    model = load_pretrained(args.checkpoint)
+    size = args.img_size or config.get('data', {}).get('img_size') or model.pretrained_cfg['input_size'][-1]
+    path = export_onnx(model, args.out, input_size=(3, size, size), opset=args.opset, verify=not args.no_verify)
+    print(f'exported {args.checkpoint} -> {path} (input: N x 3 x {size} x {size}, output: N x {model.embed_dim})')
+
+
+def export_main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    return run_cli('cgd-export', lambda: _export(_export_parser().parse_args(argv)))
