@@ -75,6 +75,22 @@ class CGDLoss(nn.Module):
         self.ranking_weight = float(ranking_weight)
         self.aux_loss = aux_loss
         self.last_parts: Dict[str, torch.Tensor] = {}
+        self._ranking_scale = 1.0
+
+    def make_distributed(self, world_size: int) -> 'CGDLoss':
+        """Mine and rank over the embeddings of all processes (call after ``init_process_group``).
+
+        Wraps the metric loss and miner in pytorch-metric-learning's ``DistributedLossWrapper`` /
+        ``DistributedMinerWrapper``: each rank gathers every rank's embeddings, so batch-hard mining sees the global
+        batch. The wrapped loss is multiplied by the world size so that DDP's gradient averaging gives the
+        single-process gradient; ``last_parts['ranking']`` reports the unscaled value.
+        """
+        from pytorch_metric_learning.utils import distributed as pml_dist
+        self.metric_loss = pml_dist.DistributedLossWrapper(self.metric_loss)
+        if self.miner is not None:
+            self.miner = pml_dist.DistributedMinerWrapper(self.miner)
+        self._ranking_scale = float(world_size)
+        return self
 
     def forward(
             self,
@@ -98,7 +114,7 @@ class CGDLoss(nn.Module):
         indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
         ranking = self.metric_loss(embeddings, labels, indices_tuple)
         total = self.ranking_weight * ranking
-        parts = {'ranking': ranking.detach()}
+        parts = {'ranking': ranking.detach() / self._ranking_scale}
         if logits is not None:
             if logits.ndim != 2 or logits.shape[0] != embeddings.shape[0]:
                 raise ValueError(f'logits must have shape ({embeddings.shape[0]}, num_classes), '
@@ -110,6 +126,7 @@ class CGDLoss(nn.Module):
                 classification = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
             total = total + self.aux_weight * classification
             parts['classification'] = classification.detach()
-        parts['total'] = total.detach()
+        # the objective as a single process would report it (the distributed ranking term is scaled for DDP)
+        parts['total'] = self.ranking_weight * parts['ranking'] + self.aux_weight * parts.get('classification', 0.0)
         self.last_parts = parts
         return total

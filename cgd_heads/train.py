@@ -23,7 +23,6 @@ from typing import Any, Dict, List, Optional, Union
 import timm
 import torch
 import torch.nn as nn
-from pytorch_metric_learning.samplers import MPerClassSampler
 from safetensors.torch import load_model
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
@@ -33,6 +32,7 @@ from .atomic import atomic_path, resolve_dir
 from .checkpoint import (WEIGHTS_NAME, config_diff, load_config, load_pretrained, load_training_state,
                          save_pretrained)
 from .data import ImageDataset, ImageList, create_cgd_transform
+from .distributed import DistributedContext, DistributedMPerClassSampler, all_reduce_mean, init_distributed
 from .extract import extract_embeddings
 from .loss import CGDLoss
 from .metrics import evaluate_retrieval
@@ -185,14 +185,28 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> An
                                warmup_epochs=config.warmup_epochs, warmup_lr=config.lr * 0.01)[0]
 
 
-def _loader(dataset: ImageDataset, config: TrainConfig, device: torch.device) -> DataLoader:
-    """A DataLoader of m-per-class batches. Built anew each epoch: PML's sampler permutes its class list in place,
-    so a sampler carried over from the previous epoch would make the batch order depend on history."""
+class _TrainStep(nn.Module):
+    """``forward = model.forward_train``: DistributedDataParallel only synchronises what runs through forward()."""
+
+    def __init__(self, model: CGDModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.model.forward_train(images)
+
+
+def _loader(dataset: ImageDataset, config: TrainConfig, device: torch.device,
+            context: DistributedContext) -> DataLoader:
+    """A DataLoader of m-per-class batches (this rank's share of each global batch under torchrun).
+
+    Built anew each epoch: PML's sampler permutes its class list in place, so a sampler carried over from the
+    previous epoch would make the batch order depend on history."""
     iters = config.iters_per_epoch or max(1, len(dataset) // config.batch_size)
-    sampler = MPerClassSampler(dataset.labels, m=config.m_per_class, batch_size=config.batch_size,
-                               length_before_new_iter=iters * config.batch_size)
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
-                      drop_last=True, pin_memory=device.type == 'cuda')
+    sampler = DistributedMPerClassSampler(dataset.labels, config.m_per_class, config.batch_size,
+                                          iters * config.batch_size, context.rank, context.world_size)
+    return DataLoader(dataset, batch_size=config.batch_size // context.world_size, sampler=sampler,
+                      num_workers=config.num_workers, drop_last=True, pin_memory=device.type == 'cuda')
 
 
 def validate(model: nn.Module, image_list: ImageList, data_config: Dict[str, Any], device: torch.device,
@@ -246,15 +260,29 @@ def train(
     if val_list is None and config.val_classes:
         train_list, val_list = train_list.split_classes(config.val_classes, seed=config.seed)
     _check_sampler(train_list, config)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(config.device)
+    context = init_distributed(device.type)
+    if context.enabled and device.type == 'cuda':
+        device = torch.device('cuda', context.local_rank)
+        torch.cuda.set_device(device)
+    if config.batch_size % context.world_size:
+        raise ValueError(f'batch_size={config.batch_size} (the global batch) must be divisible by the '
+                         f'{context.world_size} processes')
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     dtype = amp_dtype(config.amp, device)
     seed_everything(config.seed)
     model = build_model(config, train_list.num_classes).to(device)
     data_config = data_config_of(model, config.img_size, config.resize_size)
     criterion = CGDLoss(margin=config.margin, aux_weight=config.aux_weight,
                         aux_loss=model.head.aux_head.loss if model.head.aux_head is not None else None)
+    step = _TrainStep(model)
+    if context.enabled:
+        criterion.make_distributed(context.world_size)
+        # backbones keep layers forward_features never uses (e.g. ConvNeXt's head norm): let DDP skip them
+        step = nn.parallel.DistributedDataParallel(
+            step, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=True)
     optimizer = _make_optimizer(model, config)
     scheduler = _make_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -277,14 +305,15 @@ def train(
         scaler.load_state_dict(state['scaler'])
         start_epoch, best_metric, history = state['epoch'] + 1, state['best_metric'], state['history']
         _logger.info('resuming %s at epoch %d', out_dir, start_epoch + 1)
-    (out_dir / 'train_config.json').write_text(json.dumps(run_config, indent=2, sort_keys=True) + '\n')
+    if context.is_main:
+        (out_dir / 'train_config.json').write_text(json.dumps(run_config, indent=2, sort_keys=True) + '\n')
 
     dataset = ImageDataset(train_list, create_cgd_transform(data_config, True, config.img_size, config.resize_size),
                            skip_bad_images=skip_bad_images)
     ckpt_extra = dict(extra or {}, data=data_config, train=run_config, class_names=train_list.class_names)
     for epoch in range(start_epoch, config.epochs):
         seed_everything(config.seed * 100003 + epoch)  # epoch state is a function of (seed, epoch): exact resume
-        loader = _loader(dataset, config, device)
+        loader = _loader(dataset, config, device, context)
         model.train()
         if config.freeze_bn:
             freeze_batch_norm(model.backbone)
@@ -294,7 +323,7 @@ def train(
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast(device, dtype):
-                embeddings, logits = model.forward_train(images)
+                embeddings, logits = step(images)
             loss = criterion(embeddings, labels, logits)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f'non-finite loss {loss.item()} at epoch {epoch + 1}; parts '
@@ -316,9 +345,13 @@ def train(
         steps, seconds = len(loader), time.time() - start
         row: Dict[str, Any] = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'], 'seconds': round(seconds, 2),
                                'images_per_s': round(seen / seconds, 2)}
-        row.update({f'loss_{k}': float(v) / steps for k, v in totals.items()})
+        row.update({f'loss_{k}': float(all_reduce_mean(v, context)) / steps for k, v in totals.items()})
+        row['images_per_s'] = round(row['images_per_s'] * context.world_size, 2)
         if scheduler is not None:
             scheduler.step(epoch + 1)
+        if not context.is_main:  # rank 0 validates and writes; the others wait for it
+            context.barrier()
+            continue
         improved = False
         if val_list is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             metrics = validate(model, val_list, data_config, device, config.eval_batch_size, config.num_workers,
@@ -337,6 +370,9 @@ def train(
                  'scaler': scaler.state_dict(), 'epoch': epoch, 'best_metric': best_metric, 'history': history}
         save_pretrained(model, last_dir, extra=dict(ckpt_extra, epoch=epoch + 1, metrics=row), training_state=state)
         _append_jsonl(out_dir / 'metrics.jsonl', history)
+        context.barrier()
 
+    if not context.is_main:
+        return TrainResult(model=model, best_dir=best_dir, last_dir=last_dir, history=history, best_metric=best_metric)
     best = load_pretrained(best_dir, map_location=device) if resolve_dir(best_dir).exists() else model
     return TrainResult(model=best, best_dir=best_dir, last_dir=last_dir, history=history, best_metric=best_metric)
