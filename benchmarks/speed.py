@@ -219,7 +219,8 @@ def write(path: Path, sections: Dict[str, object], seconds: float, command: str,
          f'- Command: `{command}`; wall time {seconds / 60:.1f} min. Times are medians of repeated runs.', '']
     L += ['## Head overhead', '', 'Same stripped backbone, batch of random images; CGDHead `SMG` 1536-d vs global '
           'average pooling + FC 1536-d.', '',
-          '| backbone | input | batch | fwd CGD (s) | fwd GAP+FC (s) | ratio | fwd+bwd CGD (s) | fwd+bwd GAP+FC (s) | ratio |',
+          '| backbone | input | batch | fwd CGD (s) | fwd GAP+FC (s) | ratio | fwd+bwd CGD (s) | fwd+bwd GAP+FC (s) '
+          '| ratio |',
           '|---|---|---|---|---|---|---|---|---|']
     for r in sections['head']:
         L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['cgd_fwd']:.3f} | {r['gap_fwd']:.3f} | "
@@ -245,7 +246,8 @@ def write(path: Path, sections: Dict[str, object], seconds: float, command: str,
           'Clustered random unit embeddings (20 per class). `bound` = 2 n^2 d / measured matmul peak (the similarity '
           'matrix alone). Peak memory = max RSS of a fresh process, `data` = the embeddings themselves. PML = '
           "`AccuracyCalculator(include=('precision_at_1', 'mean_average_precision_at_r'), k='max_bin_count')`.", '',
-          '| n | d | bound (s) | ours (s) | ours / bound | ours peak MB (data MB) | PML (s) | PML peak MB | PML / ours |',
+          '| n | d | bound (s) | ours (s) | ours / bound | ours peak MB (data MB) | PML (s) | PML peak MB '
+          '| PML / ours |',
           '|---|---|---|---|---|---|---|---|---|']
     for r in sections['eval']:
         ours, pml = r['ours'], r['pml']
@@ -255,7 +257,8 @@ def write(path: Path, sections: Dict[str, object], seconds: float, command: str,
         pml_cells = (f"{pml['seconds']:.1f} | {pml['peak_mb']:.0f} | {pml['seconds'] / ours['seconds']:.2f}"
                      if 'error' not in pml else f"{pml['error']} | | ")
         L.append(f"| {r['n']} | {r['d']} | {r['bound_s']:.1f} | {ours['seconds']:.1f} | "
-                 f"{ours['seconds'] / r['bound_s']:.2f} | {ours['peak_mb']:.0f} ({ours['data_mb']:.0f}) | {pml_cells} |")
+                 f"{ours['seconds'] / r['bound_s']:.2f} | {ours['peak_mb']:.0f} ({ours['data_mb']:.0f}) | "
+                 f"{pml_cells} |")
     L += ['', '## Index search', '', f"{sections['index_n']} clustered unit vectors of dim {sections['index_d']}, "
           f"{sections['index_q']} queries, k = 10; recall@10 against the exact flat index.", '',
           '| index | build (s) | queries/s | recall@10 | ~bytes/vector |', '|---|---|---|---|---|']

@@ -118,6 +118,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument('--label-smoothing', type=float, default=d.label_smoothing)
     p.add_argument('--margin', type=float, default=d.margin)
     p.add_argument('--aux-weight', type=float, default=d.aux_weight, help='0 = ranking loss only')
+    p.add_argument('--ranking-weight', type=float, default=d.ranking_weight, help='0 = classification loss only')
     p.add_argument('--img-size', type=int, default=d.img_size)
     p.add_argument('--resize-size', type=int, default=None, help='train resize before the crop (img_size*252/224)')
     p.add_argument('--m-per-class', type=int, default=d.m_per_class)
@@ -189,7 +190,8 @@ def _train(args: argparse.Namespace) -> None:
         checkpoint_path=args.checkpoint_path, pretrained_from=args.pretrained_from, combine=args.combine,
         gem_p=args.gem_p, learnable_p=args.learnable_p,
         temperature=args.temperature, label_smoothing=args.label_smoothing, margin=args.margin,
-        aux_weight=args.aux_weight, img_size=args.img_size, resize_size=args.resize_size,
+        aux_weight=args.aux_weight, ranking_weight=args.ranking_weight, img_size=args.img_size,
+        resize_size=args.resize_size,
         batch_size=args.batch_size, m_per_class=args.m_per_class, iters_per_epoch=args.iters_per_epoch,
         epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, sched=args.sched,
         warmup_epochs=args.warmup_epochs, freeze_bn=args.freeze_bn, clip_grad=args.clip_grad, amp=args.amp,

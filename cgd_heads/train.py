@@ -64,6 +64,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     margin: float = 0.1
     aux_weight: float = 1.0  #: 0 trains with the ranking loss only (no classifier is built)
+    ranking_weight: float = 1.0  #: 0 trains with the classification loss only (an ablation)
     img_size: int = 224
     resize_size: Optional[int] = None  #: train-time resize before the random crop; default img_size * 252 / 224
     batch_size: int = 128
@@ -105,6 +106,9 @@ class TrainConfig:
             raise ValueError(f'lr must be a finite float > 0, got {self.lr!r}')
         if self.weight_decay < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
             raise ValueError('weight_decay, warmup_epochs and num_workers must be >= 0')
+        if self.aux_weight < 0 or self.ranking_weight < 0 or self.aux_weight == self.ranking_weight == 0:
+            raise ValueError(f'aux_weight and ranking_weight must be >= 0 and not both 0, got {self.aux_weight} and '
+                             f'{self.ranking_weight}')
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f'clip_grad must be > 0 or None, got {self.clip_grad!r}')
         if self.val_classes < 0:
@@ -275,7 +279,7 @@ def train(
     seed_everything(config.seed)
     model = build_model(config, train_list.num_classes).to(device)
     data_config = data_config_of(model, config.img_size, config.resize_size)
-    criterion = CGDLoss(margin=config.margin, aux_weight=config.aux_weight,
+    criterion = CGDLoss(margin=config.margin, aux_weight=config.aux_weight, ranking_weight=config.ranking_weight,
                         aux_loss=model.head.aux_head.loss if model.head.aux_head is not None else None)
     step = _TrainStep(model)
     if context.enabled:
