@@ -18,7 +18,7 @@ import torch
 from .atomic import atomic_write_json
 from .checkpoint import load_config, load_pretrained
 from .data import BadImageError, ImageDataset, ImageList, create_cgd_transform, load_splits, read_image_folder
-from .extract import extract_embeddings
+from .extract import extract_embeddings, load_embeddings, save_embeddings
 from .index import INDEX_TYPES, RetrievalIndex
 from .metrics import evaluate_retrieval
 from .runtime import amp_dtype, resolve_device
@@ -149,7 +149,8 @@ def _check_out_dir(out: Path) -> None:
 
 def _evaluate_splits(model: torch.nn.Module, splits: Dict[str, ImageList], data_config: Dict[str, Any],
                      args: argparse.Namespace, ks: Sequence[int] = (1, 2, 4, 8), split: str = 'test',
-                     flip: bool = False, scales: Sequence[float] = (1.0,)) -> Dict[str, float]:
+                     flip: bool = False, scales: Sequence[float] = (1.0,),
+                     save_to: Optional[str] = None) -> Dict[str, float]:
     device = resolve_device(args.device)
     dtype = amp_dtype(args.amp, device)
     transform = create_cgd_transform(data_config, False, data_config['img_size'])
@@ -171,6 +172,9 @@ def _evaluate_splits(model: torch.nn.Module, splits: Dict[str, ImageList], data_
         (q, ql), (g, gl) = embed(splits['query']), embed(splits['gallery'])
         return evaluate_retrieval(q, ql, ks=ks, gallery_embeddings=g, gallery_labels=gl)
     emb, labels = embed(splits[split])
+    if save_to:
+        save_embeddings(save_to, emb, labels, splits[split].paths,
+                        {'model': getattr(model, 'config', {}), 'class_names': splits[split].class_names})
     return evaluate_retrieval(emb, labels, ks=ks)
 
 
@@ -229,6 +233,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument('--scales', type=_floats, default=(1.0,), help='multi-scale factors, e.g. 1,0.7071')
     p.add_argument('--img-size', type=int, default=None, help='default: the size the model was trained at')
     p.add_argument('--output', help='write the metrics as JSON here')
+    p.add_argument('--save-embeddings', help='also write the embeddings of the split (.safetensors, for cgd-index)')
     _add_runtime_args(p)
     return p
 
@@ -240,7 +245,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.img_size:
         data_config['img_size'] = args.img_size
     metrics = _evaluate_splits(model, _load_splits(args), data_config, args, ks=args.ks, split=args.split,
-                               flip=args.flip, scales=args.scales)
+                               flip=args.flip, scales=args.scales, save_to=args.save_embeddings)
     _print_metrics(f'{args.checkpoint} on {args.data} ({args.split}, {metrics["num_queries"]} queries):', metrics)
     if args.output:
         atomic_write_json(args.output, dict(metrics, checkpoint=str(args.checkpoint), data=str(args.data),
@@ -255,8 +260,9 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
 def _index_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='cgd-index', description='Embed images with a checkpoint and save a faiss index.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--checkpoint', required=True, help='checkpoint folder (e.g. RUN/best)')
+    p.add_argument('--checkpoint', help='checkpoint folder (e.g. RUN/best); not needed with --embeddings')
     p.add_argument('--images', help='index every image below this folder (class = first sub-folder, if any)')
+    p.add_argument('--embeddings', help='index an embeddings file (cgd-eval --save-embeddings) instead of images')
     _add_data_args(p, required=False)
     p.add_argument('--split', default='test', help='with --data: the split to index')
     p.add_argument('--out', required=True, help='index folder to write')
@@ -281,6 +287,18 @@ def _gallery(args: argparse.Namespace) -> ImageList:
 
 def _index(args: argparse.Namespace) -> None:
     _check_out_dir(Path(args.out))
+    if args.embeddings:
+        if args.images or args.data:
+            raise ValueError('pass one of --embeddings, --images or --data')
+        emb, labels, paths, meta = load_embeddings(args.embeddings)
+        metadata = dict(meta, checkpoint=str(Path(args.checkpoint).resolve())) if args.checkpoint else meta
+        index = RetrievalIndex.build(emb, labels=None if labels is None else labels.tolist(), paths=paths,
+                                     index_type=args.index_type, metadata=metadata)
+        index.save(args.out)
+        print(f'indexed {len(index)} embeddings ({index.dim}-d, {args.index_type}) -> {args.out}')
+        return
+    if not args.checkpoint:
+        raise ValueError('--checkpoint is required to embed --images or --data')
     config = load_config(args.checkpoint)
     model = load_pretrained(args.checkpoint)
     gallery = _gallery(args)

@@ -1,17 +1,22 @@
 """Embedding extraction in batches, with optional flip and multi-scale test-time averaging."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path
 from .runtime import autocast, resolve_device
 
-__all__ = ['extract_embeddings']
+__all__ = ['extract_embeddings', 'save_embeddings', 'load_embeddings']
 
 
 @torch.no_grad()
@@ -72,3 +77,34 @@ def extract_embeddings(
     if not embeddings:
         raise ValueError('data is empty: nothing to embed')
     return torch.cat(embeddings), torch.cat(labels)
+
+
+def save_embeddings(path: Union[str, os.PathLike], embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                    paths: Optional[List[str]] = None, metadata: Optional[Dict[str, Any]] = None) -> None:
+    """Write embeddings (and labels, image paths, metadata) to one ``.safetensors`` file, atomically, no pickle."""
+    if embeddings.ndim != 2:
+        raise ValueError(f'embeddings must be (N, D), got {tuple(embeddings.shape)}')
+    n = embeddings.shape[0]
+    if (labels is not None and len(labels) != n) or (paths is not None and len(paths) != n):
+        raise ValueError(f'labels and paths must have one entry per embedding ({n})')
+    tensors = {'embeddings': embeddings.detach().float().cpu().contiguous()}
+    if labels is not None:
+        tensors['labels'] = torch.as_tensor(labels, dtype=torch.long).cpu().contiguous()
+    header = {'paths': json.dumps(paths), 'metadata': json.dumps(metadata or {})}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+
+
+def load_embeddings(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[List[str]],
+                                                              Dict[str, Any]]:
+    """Read a file of :func:`save_embeddings`: ``(embeddings, labels or None, paths or None, metadata)``."""
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            header = f.metadata() or {}
+            embeddings = f.get_tensor('embeddings')
+            labels = f.get_tensor('labels') if 'labels' in f.keys() else None
+        return embeddings, labels, json.loads(header.get('paths', 'null')), json.loads(header.get('metadata', '{}'))
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f'{path} is not an embeddings file written by save_embeddings ({e})') from e

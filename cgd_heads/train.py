@@ -11,6 +11,7 @@ The loop is deliberately plain (one function, no callbacks). What it guarantees:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -155,9 +156,7 @@ def freeze_batch_norm(module: nn.Module) -> None:
 
 
 def _check_sampler(train_list: ImageList, config: TrainConfig) -> None:
-    counts: Dict[int, int] = {}
-    for label in train_list.labels:
-        counts[label] = counts.get(label, 0) + 1
+    counts = collections.Counter(train_list.labels)
     per_batch = config.batch_size // config.m_per_class
     if len(counts) < per_batch:
         raise ValueError(f'the training split has {len(counts)} classes but batch_size={config.batch_size} with '

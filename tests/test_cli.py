@@ -22,9 +22,17 @@ def test_train_eval_index_search(shapes_folder, tmp_path, capsys):
 
     assert eval_main(['--checkpoint', str(run / 'best'), '--data', str(shapes_folder), '--train-classes', '6',
                       '--ks', '1,2', '--flip', '--scales', '1,0.75', '--output', str(tmp_path / 'm.json'),
-                      '--num-workers', '0', '--quiet']) == 0
+                      '--save-embeddings', str(tmp_path / 'emb.safetensors'), '--num-workers', '0', '--quiet']) == 0
     metrics = json.loads((tmp_path / 'm.json').read_text())
     assert set(metrics) >= {'recall@1', 'recall@2', 'map@r'} and metrics['flip'] is True
+    assert index_main(['--embeddings', str(tmp_path / 'emb.safetensors'), '--checkpoint', str(run / 'best'),
+                       '--out', str(tmp_path / 'emb_index')]) == 0
+    from cgd_heads import RetrievalIndex
+    from cgd_heads.extract import load_embeddings
+    emb_index = RetrievalIndex.load(tmp_path / 'emb_index')
+    emb, labels, paths, meta = load_embeddings(tmp_path / 'emb.safetensors')
+    assert len(emb_index) == len(paths) == 12 and emb_index.labels == labels.tolist()
+    assert meta['model'] == emb_index.metadata['model'] and 'checkpoint' in emb_index.metadata
 
     index_dir = tmp_path / 'index'
     assert index_main(['--checkpoint', str(run / 'best'), '--images', str(shapes_folder), '--out', str(index_dir),
