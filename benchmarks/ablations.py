@@ -99,7 +99,8 @@ def load_features(dataset: str, stride_mode: Optional[str], limit_classes: Optio
     model = create_model(model_name, pretrained_from=weights, stride_mode=stride_mode, embed_dim=8)
     data_config = data_config_of(model, img_size)
     description = {'model': model.config, 'weights': weights}
-    out = {name: cached_feature_maps(model.backbone, splits[name], data_config, description, device=device)
+    out = {name: cached_feature_maps(model.backbone, splits[name], data_config, description, device=device,
+                                     progress=False)
            for name in ('train', 'test')}
     return out, {'model': model_name, 'weights': weights, 'img_size': img_size, 'stride_mode': stride_mode,
                  'map': tuple(out['test'][0].shape[1:]), 'test_images': len(out['test'][1])}
