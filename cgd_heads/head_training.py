@@ -87,6 +87,10 @@ def train_head(
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     steps = max(1, len(labels) // config.batch_size)
+    # Fixed-p pooling of frozen features is the same every epoch: pool once, train the projections on the vectors
+    # (exactly what pooling every batch would compute, ~100x cheaper than re-pooling the maps).
+    with torch.no_grad():
+        pooled = [torch.cat(parts) for parts in zip(*(head.pool(chunk.float()) for chunk in features.split(512)))]
     head.train()
     for epoch in range(config.epochs):
         seed_everything(config.seed * 100003 + epoch)
@@ -94,13 +98,12 @@ def train_head(
                                    length_before_new_iter=steps * config.batch_size)
         order = np.fromiter(iter(sampler), dtype=np.int64)
         for batch in torch.from_numpy(order).split(config.batch_size):
-            x, y = features[batch].float(), labels[batch]
+            x, y = [p[batch] for p in pooled], labels[batch]
             if config.architecture == 'separate':
-                pooled, branches = head.forward_branches(x)
-                logits = head.aux_head(pooled[0]) if head.aux_head is not None else None
-                loss = sum(criterion(b, y, logits if i == 0 else None) for i, b in enumerate(branches))
+                logits = head.aux_head(x[0]) if head.aux_head is not None else None
+                loss = sum(criterion(b, y, logits if i == 0 else None) for i, b in enumerate(head.project(x)))
             else:
-                embeddings, logits = head.forward_train(x)
+                embeddings, logits = head.forward_pooled(x)
                 loss = criterion(embeddings, y, logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

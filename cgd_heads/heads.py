@@ -236,25 +236,37 @@ class CGDHead(nn.Module):
         return (f'in_features={self.in_features}, descriptors={self.descriptors!r}, embed_dim={self.embed_dim}, '
                 f'combine={self.combine!r}, input_fmt={self.input_fmt!r}')
 
+    def pool(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The pooled vectors ``pool_i(X)``, one ``(N, in_features)`` tensor per descriptor letter."""
+        x = prepare_features(x, self.in_features, self.input_fmt, self.num_prefix_tokens, type(self).__name__)
+        return [pool(x) for pool in self.pools]
+
+    def project(self, pooled: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The normalised branch descriptors ``phi_i = normalize(W_i pool_i(X))`` from the pooled vectors."""
+        return [F.normalize(fc(v), dim=-1) for fc, v in zip(self.fcs, pooled)]
+
     def forward_branches(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Per-branch outputs: the pooled vectors ``pool_i(X)`` and the normalised descriptors ``phi_i``."""
-        x = prepare_features(x, self.in_features, self.input_fmt, self.num_prefix_tokens, type(self).__name__)
-        pooled = [pool(x) for pool in self.pools]
-        return pooled, [F.normalize(fc(v), dim=-1) for fc, v in zip(self.fcs, pooled)]
+        pooled = self.pool(x)
+        return pooled, self.project(pooled)
 
-    def _combine(self, branch_descriptors: List[torch.Tensor]) -> torch.Tensor:
+    def combine_branches(self, branch_descriptors: List[torch.Tensor]) -> torch.Tensor:
+        """The embedding: ``normalize(concat_i phi_i)`` (or of their sum)."""
         if self.combine == 'concat':
             combined = torch.cat(branch_descriptors, dim=-1)
         else:
             combined = torch.stack(branch_descriptors, dim=0).sum(dim=0)
         return F.normalize(combined, dim=-1)
 
+    def forward_pooled(self, pooled: List[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``forward_train`` from pooled vectors (fixed-p pooling can be computed once for frozen features)."""
+        logits = self.aux_head(pooled[0]) if self.aux_head is not None else None
+        return self.combine_branches(self.project(pooled)), logits
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the unit-norm embedding ``(N, embed_dim)``; never computes the classifier."""
-        return self._combine(self.forward_branches(x)[1])
+        return self.combine_branches(self.forward_branches(x)[1])
 
     def forward_train(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Return ``(embedding, logits)``; ``logits`` is None when the head has no classifier."""
-        pooled, branch_descriptors = self.forward_branches(x)
-        logits = self.aux_head(pooled[0]) if self.aux_head is not None else None
-        return self._combine(branch_descriptors), logits
+        return self.forward_pooled(self.pool(x))

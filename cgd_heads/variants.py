@@ -57,14 +57,19 @@ class ConcatFCHead(nn.Module):
         self.aux_head: Optional[AuxSoftmaxHead] = (
             AuxSoftmaxHead(in_features, num_classes, temperature, label_smoothing) if num_classes else None)
 
-    def _pooled(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def pool(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The pooled vectors ``pool_i(X)``, as :meth:`cgd_heads.CGDHead.pool`."""
         x = prepare_features(x, self.in_features, self.input_fmt, owner=type(self).__name__)
         return [pool(x) for pool in self.pools]
 
+    def embed_pooled(self, pooled: List[torch.Tensor]) -> torch.Tensor:
+        return F.normalize(self.fc(torch.cat(pooled, dim=-1)), dim=-1)
+
+    def forward_pooled(self, pooled: List[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.embed_pooled(pooled), self.aux_head(pooled[0]) if self.aux_head is not None else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.fc(torch.cat(self._pooled(x), dim=-1)), dim=-1)
+        return self.embed_pooled(self.pool(x))
 
     def forward_train(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        pooled = self._pooled(x)
-        embedding = F.normalize(self.fc(torch.cat(pooled, dim=-1)), dim=-1)
-        return embedding, self.aux_head(pooled[0]) if self.aux_head is not None else None
+        return self.forward_pooled(self.pool(x))

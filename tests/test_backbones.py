@@ -1,0 +1,42 @@
+"""Small representatives of many timm families: the stripped map doubles (or tokens are pooled) and gradients flow.
+
+The full per-family picture, failures included, is benchmarks/results/backbone_coverage.md.
+"""
+import pytest
+import torch
+
+from cgd_heads import create_model
+from cgd_heads.stride import feature_map_size
+
+CNNS = ['densenet121', 'mobilenetv3_small_050', 'ghostnet_050', 'vgg11', 'dla46_c', 'regnetx_002', 'convnext_atto',
+        'efficientnet_b0', 'mnasnet_050', 'lcnet_050', 'hgnetv2_b0', 'efficientvit_b0', 'mobilevit_xxs', 'repvit_m1',
+        'resnest14d', 'res2net50_14w_8s', 'rexnet_100']
+TRANSFORMERS = [('swin_tiny_patch4_window7_224', 'NHWC', 0), ('test_vit', 'NLC', 1),
+                ('deit_tiny_distilled_patch16_224', 'NLC', 2)]
+
+
+def backward_reaches_backbone(model, size):
+    model.train()
+    embedding, logits = model.forward_train(torch.randn(2, *size))
+    (embedding[:, 0].sum() + logits.logsumexp(1).sum()).backward()
+    first = next(p for p in model.backbone.parameters() if p.requires_grad)
+    return first.grad is not None and torch.isfinite(first.grad).all() and first.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('name', CNNS)
+def test_strip_doubles_the_map_and_trains(name):
+    torch.manual_seed(0)
+    size = (3, 224, 224)
+    untouched = feature_map_size(create_model(name, embed_dim=24, stride_mode=None).backbone, size)
+    model = create_model(name, embed_dim=24, num_classes=3, stride_mode='strip')
+    stripped = feature_map_size(model.backbone, size)
+    assert stripped[0] == untouched[0] and stripped[1:] == (2 * untouched[1], 2 * untouched[2])
+    assert model.backbone.feature_info[-1]['reduction'] == 16
+    assert backward_reaches_backbone(model, size)
+
+
+@pytest.mark.parametrize('name, fmt, prefix', TRANSFORMERS)
+def test_transformers_are_pooled_in_their_own_format(name, fmt, prefix):
+    model = create_model(name, embed_dim=24, num_classes=3, stride_mode=None)
+    assert model.head.input_fmt == fmt and model.head.num_prefix_tokens == prefix
+    assert backward_reaches_backbone(model, model.pretrained_cfg['input_size'])
