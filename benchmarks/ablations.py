@@ -43,7 +43,7 @@ from cgd_heads.feature_cache import cached_feature_maps
 from cgd_heads.head_training import HeadTrainConfig, embed_features, train_head
 from cgd_heads.metrics import evaluate_retrieval
 from cgd_heads.runtime import seed_everything
-from cgd_heads.train import TrainConfig, build_model, data_config_of, train, validate
+from cgd_heads.training import TrainConfig, build_model, data_config_of, train, validate
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 SHARED = Path(os.environ.get('CGD_HEADS_DATA', Path(__file__).resolve().parents[2] / 'shared' / 'data'))

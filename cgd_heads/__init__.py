@@ -15,7 +15,7 @@ from .model import CGDModel, create_model
 from .pooling import GeneralizedPooling, generalized_mean
 from .shards import ShardedIndex
 from .stride import feature_map_size, strip_last_stride
-from .train import TrainConfig, train
+from .training import TrainConfig, train
 from .variants import ConcatFCHead
 
 __version__ = '0.1.0'

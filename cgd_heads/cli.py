@@ -22,7 +22,7 @@ from .extract import extract_embeddings, load_embeddings, save_embeddings
 from .index import INDEX_TYPES, RetrievalIndex
 from .metrics import evaluate_retrieval
 from .runtime import amp_dtype, resolve_device
-from .train import TrainConfig, train
+from .training import TrainConfig, train
 from .visualize import save_retrieval_grid
 
 __all__ = ['train_main', 'eval_main', 'index_main', 'search_main', 'export_main', 'run_cli']

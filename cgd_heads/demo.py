@@ -24,7 +24,7 @@ from .extract import extract_embeddings
 from .index import RetrievalIndex
 from .metrics import evaluate_retrieval
 from .runtime import seed_everything
-from .train import TrainConfig, build_model, data_config_of, train
+from .training import TrainConfig, build_model, data_config_of, train
 from .visualize import save_retrieval_grid
 
 __all__ = ['main', 'write_digits_folder']

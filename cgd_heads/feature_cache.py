@@ -57,7 +57,7 @@ def cached_feature_maps(
     Args:
         backbone: The (frozen) feature extractor, e.g. ``create_model(...).backbone``.
         image_list: The images.
-        data_config: Preprocessing (mean, std, interpolation, img_size), see :func:`cgd_heads.train.data_config_of`.
+        data_config: Preprocessing (mean, std, interpolation, img_size), see :func:`cgd_heads.training.data_config_of`.
         description: What identifies the backbone and its weights (e.g. the model config plus the weights source);
             part of the cache key together with ``data_config`` and the images.
         cache_dir: Cache folder; default ``$CGD_HEADS_CACHE/feature_maps`` (``~/.cache/cgd_heads``).

@@ -49,7 +49,7 @@ def test_train_eval_index_search(shapes_folder, tmp_path, capsys):
 
 
 def test_resume_flag_continues_a_run(shapes_folder, tmp_path, monkeypatch):
-    import cgd_heads.train as train_module
+    import cgd_heads.training as train_module
     args = ['--data', str(shapes_folder), '--train-classes', '6', '--val-classes', '0', '--out',
             str(tmp_path / 'run'), '--no-test', *TRAIN]
     real_append = train_module._append_jsonl

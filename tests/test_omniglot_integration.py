@@ -4,7 +4,7 @@ import torch
 
 from cgd_heads.data import load_splits
 from cgd_heads.runtime import seed_everything
-from cgd_heads.train import TrainConfig, build_model, data_config_of, train, validate
+from cgd_heads.training import TrainConfig, build_model, data_config_of, train, validate
 from conftest import SHARED_DATA
 
 OMNIGLOT = SHARED_DATA / 'omniglot'

@@ -12,7 +12,7 @@ from cgd_heads.data import create_cgd_transform, load_splits
 from cgd_heads.index import RetrievalIndex
 from cgd_heads.metrics import evaluate_retrieval
 from cgd_heads.runtime import amp_dtype, resolve_device
-from cgd_heads.train import TrainConfig
+from cgd_heads.training import TrainConfig
 
 UNIT = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
 CASES = [

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cgd_heads.train as train_module
+import cgd_heads.training as train_module
 from cgd_heads.checkpoint import load_config, load_pretrained, load_training_state
 from cgd_heads.data import load_splits
-from cgd_heads.train import TrainConfig, train
+from cgd_heads.training import TrainConfig, train
 
 TINY = dict(model_name='test_resnet', embed_dim=16, img_size=24, resize_size=28, batch_size=8, m_per_class=2,
             epochs=2, lr=1e-3, num_workers=0, progress=False, val_classes=2, eval_batch_size=16, seed=3)
@@ -77,7 +77,7 @@ def test_training_improves_retrieval_on_held_out_classes(tmp_path):
     splits = load_splits('folder', write_shapes_folder(tmp_path / 'shapes', num_classes=12, per_class=8),
                          train_classes=8)
     config = TrainConfig(**dict(TINY, epochs=6, val_classes=0, lr=3e-3))
-    from cgd_heads.train import build_model, validate, data_config_of
+    from cgd_heads.training import build_model, validate, data_config_of
     from cgd_heads.runtime import seed_everything
     seed_everything(config.seed)
     untrained = build_model(config, 8)
