@@ -64,6 +64,9 @@ DATASETS = {
 TIERS = {'heads': ('cars196', 'caltech101'), 'finetune': ('omniglot',)}
 #: rows the fine-tuning tier cannot express (they need frozen features or a head variant train() does not build)
 HEADS_ONLY = ('off_the_shelf', 'architecture')
+#: tables the fast tier cannot measure: with a frozen backbone the classifier shares no parameter with the
+#: embedding, so loss weights, temperature and label smoothing cannot change the embedding at all
+FINETUNE_ONLY_TABLES = ('loss', 'tricks')
 
 Row = Tuple[str, Dict[str, object]]  # (label, HeadTrainConfig overrides or special keys)
 TABLES: Dict[str, List[Row]] = {
@@ -198,6 +201,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = p.parse_args(argv)
     if args.dataset not in TIERS[args.tier]:
         p.error(f'--tier {args.tier} runs on {TIERS[args.tier]}, not {args.dataset}')
+    if args.tier == 'heads' and args.table in FINETUNE_ONLY_TABLES:
+        p.error(f'--table {args.table} needs --tier finetune: with a frozen backbone the auxiliary classifier '
+                f'shares no parameter with the embedding, so its loss and tricks cannot change the embedding')
     start = time.time()
     results: List[Tuple[str, Dict[str, Tuple[float, float]], int]] = []
 
