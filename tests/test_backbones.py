@@ -8,9 +8,9 @@ import torch
 from cgd_heads import create_model
 from cgd_heads.stride import feature_map_size
 
-CNNS = ['densenet121', 'mobilenetv3_small_050', 'ghostnet_050', 'vgg11', 'dla46_c', 'regnetx_002', 'convnext_atto',
-        'efficientnet_b0', 'mnasnet_050', 'lcnet_050', 'hgnetv2_b0', 'efficientvit_b0', 'mobilevit_xxs', 'repvit_m1',
-        'resnest14d', 'res2net50_14w_8s', 'rexnet_100']
+# densenet121, regnetx_002, convnext_atto, mobilenetv2_100, tf_efficientnet_lite0 and resnets: tests/test_stride.py
+CNNS = ['mobilenetv3_small_050', 'ghostnet_050', 'vgg11', 'dla46_c', 'efficientnet_b0', 'mnasnet_050', 'lcnet_050',
+        'hgnetv2_b0', 'efficientvit_b0', 'mobilevit_xxs', 'repvit_m1', 'resnest14d', 'res2net50_14w_8s', 'rexnet_100']
 TRANSFORMERS = [('swin_tiny_patch4_window7_224', 'NHWC', 0), ('test_vit', 'NLC', 1),
                 ('deit_tiny_distilled_patch16_224', 'NLC', 2)]
 
