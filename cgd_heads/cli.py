@@ -1,4 +1,5 @@
-"""Command-line tools: ``cgd-train``, ``cgd-eval``, ``cgd-index``, ``cgd-search`` (thin shells over the library).
+"""Command-line tools: ``cgd-train``, ``cgd-eval``, ``cgd-index``, ``cgd-search``, ``cgd-export`` (thin shells over
+the library).
 
 Every command reports bad input as one line ``<command>: error: ...`` on stderr and exits with status 2; no
 traceback (set ``CGD_HEADS_DEBUG=1`` to see it).
