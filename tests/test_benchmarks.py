@@ -39,3 +39,31 @@ def test_ablations_smoke(tmp_path):
         '--limit-classes', '8', '--batch-size', '16', '--embed-dim', '48', '--output-dir', str(tmp_path))
     text = (tmp_path / 'cars196_architecture.md').read_text()
     assert 'SMOKE RUN' in text and '| CGD |' in text and (tmp_path / 'cars196_architecture.png').is_file()
+
+
+def _load_ablations():
+    spec = importlib.util.spec_from_file_location('ablations', BENCH / 'ablations.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_ordering_verdicts_follow_the_seed_std():
+    ablations = _load_ablations()
+
+    def row(label, mean, std):
+        return (label, {k: (mean, std) for k in ablations.METRICS}, 3)
+
+    lines = ablations.findings('tricks', 'finetune', [
+        row('neither', 0.50, 0.01), row('label smoothing only', 0.505, 0.01),   # +0.5 points, std 1: noise
+        row('temperature only', 0.45, 0.02), row('both', 0.60, 0.01)])          # -5.5: reversed; +15: holds
+    verdicts = [line for line in lines if line.startswith('- ')]
+    assert verdicts == [
+        '- `both` > `temperature only`: holds (+15.00 R@1 points, larger std 2.00).',
+        '- `temperature only` > `label smoothing only`: REVERSED (-5.50 R@1 points, larger std 2.00).',
+        '- `label smoothing only` > `neither`: within noise (+0.50 R@1 points, larger std 1.00).',
+    ]
+    groups = ablations.findings('descriptors', 'heads', [
+        row('off-the-shelf MAC (no training)', 0.08, 0.0), row('S', 0.07, 0.001), row('G', 0.071, 0.001),
+        row('SG', 0.09, 0.002), row('SMG', 0.085, 0.001)])
+    assert '- best combined (`SG`) > best single (`G`): holds (+1.90 R@1 points, larger std 0.20).' in groups
