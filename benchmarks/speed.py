@@ -5,6 +5,7 @@ measurement in a fresh subprocess so its peak memory (max RSS) is its own. Write
 
     python benchmarks/speed.py                 # full run, ~30-45 min on 2 CPU cores
     python benchmarks/speed.py --quick         # smoke configuration, seconds
+    python benchmarks/speed.py --sections head train  # re-measure some sections, keep the rest from speed.json
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from cgd_heads import CGDLoss, GeneralizedPooling, create_model
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'speed.md'
+SECTIONS = ('head', 'pool', 'stride', 'train', 'eval', 'index')
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -80,21 +82,53 @@ class GapFC(nn.Module):
         return F.normalize(self.fc(x.mean((2, 3))), dim=1)
 
 
+def interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> Dict[str, float]:
+    """Median seconds of each function, the functions called in turn so drifts of machine speed hit all alike."""
+    times: Dict[str, List[float]] = {label: [] for label in fns}
+    for i in range(warmup + repeats):
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def head_overhead(name: str, size: int, batch: int, repeats: int) -> Dict[str, object]:
-    """(backbone + CGDHead 'SMG') vs (backbone + GAP + FC), the same stripped backbone, forward and fwd+bwd."""
+    """(backbone + CGDHead 'SMG') vs (backbone + GAP + FC), the same stripped backbone, forward and fwd+bwd.
+
+    Measured twice: end to end with the two models interleaved, and by components (the backbone once, each head on
+    its feature maps with many repeats), ratio = (backbone + CGD head) / (backbone + GAP head). The component ratio
+    is the stable one: the heads cost milliseconds next to a backbone of seconds, below the run-to-run noise of an
+    end-to-end time on a shared CPU.
+    """
     model = create_model(name, descriptors='SMG', embed_dim=1536)
     backbone, cgd = model.backbone, model.head
     gap = GapFC(model.num_features, 1536)
     x = torch.randn(batch, 3, size, size)
     out: Dict[str, object] = {'model': name, 'size': size, 'batch': batch}
-    for label, head in (('cgd', cgd), ('gap', gap)):
-        with torch.no_grad():
-            backbone.eval()
-            out[f'{label}_fwd'] = timed(lambda: head(backbone.forward_features(x)), repeats)
-        backbone.train()
-        out[f'{label}_fwdbwd'] = timed(lambda: head(backbone.forward_features(x)).sum().backward(), repeats)
-    out['ratio_fwd'] = out['cgd_fwd'] / out['gap_fwd']
-    out['ratio_fwdbwd'] = out['cgd_fwdbwd'] / out['gap_fwdbwd']
+    backbone.eval()
+    with torch.no_grad():
+        fwd = interleaved({'cgd': lambda: cgd(backbone.forward_features(x)),
+                           'gap': lambda: gap(backbone.forward_features(x))}, repeats)
+        features = backbone.forward_features(x)
+        parts = interleaved({'backbone': lambda: backbone.forward_features(x)}, repeats)
+        parts.update(interleaved({'cgd': lambda: cgd(features), 'gap': lambda: gap(features)}, 20 * repeats))
+    backbone.train()
+    fwdbwd = interleaved({'cgd': lambda: cgd(backbone.forward_features(x)).sum().backward(),
+                          'gap': lambda: gap(backbone.forward_features(x)).sum().backward()}, repeats)
+    features = backbone.forward_features(x).detach().requires_grad_()
+    parts_bwd = interleaved({'backbone': lambda: backbone.forward_features(x).sum().backward()}, repeats)
+    parts_bwd.update(interleaved({'cgd': lambda: cgd(features).sum().backward(),
+                                  'gap': lambda: gap(features).sum().backward()}, 20 * repeats))
+    for label in ('cgd', 'gap'):
+        out[f'{label}_fwd'], out[f'{label}_fwdbwd'] = fwd[label], fwdbwd[label]
+        out[f'{label}_head_ms'], out[f'{label}_head_bwd_ms'] = 1e3 * parts[label], 1e3 * parts_bwd[label]
+    out['backbone_fwd'], out['backbone_fwdbwd'] = parts['backbone'], parts_bwd['backbone']
+    out['ratio_fwd'] = fwd['cgd'] / fwd['gap']
+    out['ratio_fwdbwd'] = fwdbwd['cgd'] / fwdbwd['gap']
+    out['parts_ratio_fwd'] = (parts['backbone'] + parts['cgd']) / (parts['backbone'] + parts['gap'])
+    out['parts_ratio_fwdbwd'] = (parts_bwd['backbone'] + parts_bwd['cgd']) / (parts_bwd['backbone'] + parts_bwd['gap'])
     return out
 
 
@@ -126,31 +160,40 @@ def stride_cost(name: str, size: int, batch: int, repeats: int) -> Dict[str, obj
 
 
 def training_throughput(name: str, size: int, batch: int, repeats: int) -> Dict[str, object]:
-    """Images/s of a CGD training step vs a plain timm classifier step, same backbone and batch."""
+    """Images/s of a CGD training step vs a plain timm classifier step, same backbone and batch.
+
+    CGD is measured with its stripped backbone (what it trains) and with the stride untouched, which separates
+    the price of the larger final map from that of the head and the loss.
+    """
     labels = torch.arange(batch // 4).repeat_interleave(4)
     x = torch.randn(batch, 3, size, size)
-    cgd = create_model(name, descriptors='SG', embed_dim=1536, num_classes=100).train()
-    criterion = CGDLoss(aux_loss=cgd.head.aux_head.loss)
-    opt_a = torch.optim.Adam(cgd.parameters(), 1e-4)
-    plain = timm.create_model(name, num_classes=100).train()
-    opt_b = torch.optim.Adam(plain.parameters(), 1e-4)
+    steps = {}
+    for label, model_fn in (('cgd', lambda: create_model(name, descriptors='SG', embed_dim=1536, num_classes=100)),
+                            ('cgd_untouched', lambda: create_model(name, descriptors='SG', embed_dim=1536,
+                                                                   num_classes=100, stride_mode=None)),
+                            ('plain', lambda: timm.create_model(name, num_classes=100))):
+        model = model_fn().train()
+        opt = torch.optim.Adam(model.parameters(), 1e-4)
+        if label == 'plain':
+            def loss_fn(model=model):
+                return F.cross_entropy(model(x), labels)
+        else:
+            criterion = CGDLoss(aux_loss=model.head.aux_head.loss)
 
-    def cgd_step():
-        emb, logits = cgd.forward_train(x)
-        loss = criterion(emb, labels, logits)
-        opt_a.zero_grad()
-        loss.backward()
-        opt_a.step()
+            def loss_fn(model=model, criterion=criterion):
+                emb, logits = model.forward_train(x)
+                return criterion(emb, labels, logits)
 
-    def plain_step():
-        loss = F.cross_entropy(plain(x), labels)
-        opt_b.zero_grad()
-        loss.backward()
-        opt_b.step()
-
-    a, b = timed(cgd_step, repeats), timed(plain_step, repeats)
-    return {'model': name, 'size': size, 'batch': batch, 'cgd_img_s': batch / a, 'plain_img_s': batch / b,
-            'ratio': b / a}
+        def step(loss_fn=loss_fn, opt=opt):
+            loss = loss_fn()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        steps[label] = step
+    t = interleaved(steps, repeats)
+    return {'model': name, 'size': size, 'batch': batch, 'cgd_img_s': batch / t['cgd'],
+            'cgd_untouched_img_s': batch / t['cgd_untouched'], 'plain_img_s': batch / t['plain'],
+            'ratio': t['plain'] / t['cgd'], 'ratio_untouched': t['plain'] / t['cgd_untouched']}
 
 
 def _eval_worker(kind: str, n: int, d: int) -> None:
@@ -225,15 +268,22 @@ def index_search(n: int, d: int, queries: int) -> List[Dict[str, object]]:
 
 def write(path: Path, sections: Dict[str, object], seconds: float, command: str, peak: float) -> None:
     L = ['# Speed', '', f'- Machine: {machine()}.', f'- Measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s.',
-         f'- Command: `{command}`; wall time {seconds / 60:.1f} min. Times are medians of repeated runs.', '']
+         f'- Last command: `{command}`; wall time {seconds / 60:.1f} min. Times are medians of repeated runs.',
+         '- Sections measured by: ' + '; '.join(f'{k}: {v}' for k, v in sections.get('runs', {}).items()) + '.', '']
     L += ['## Head overhead', '', 'Same stripped backbone, batch of random images; CGDHead `SMG` 1536-d vs global '
-          'average pooling + FC 1536-d.', '',
-          '| backbone | input | batch | fwd CGD (s) | fwd GAP+FC (s) | ratio | fwd+bwd CGD (s) | fwd+bwd GAP+FC (s) '
-          '| ratio |',
-          '|---|---|---|---|---|---|---|---|---|']
+          'average pooling + FC 1536-d. By components: backbone time plus each head timed on its feature maps '
+          '(20x more repeats), ratio = (backbone + CGD head) / (backbone + GAP head); end to end: the two whole '
+          'models timed in turn. The head costs milliseconds, the backbone seconds, so the end-to-end ratio mostly '
+          'shows run-to-run noise.', '',
+          '| backbone | input | batch | pass | backbone (s) | CGD head (ms) | GAP+FC head (ms) | ratio by components '
+          '| end to end CGD / GAP+FC (s) | ratio end to end |',
+          '|---|---|---|---|---|---|---|---|---|---|']
     for r in sections['head']:
-        L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['cgd_fwd']:.3f} | {r['gap_fwd']:.3f} | "
-                 f"{r['ratio_fwd']:.3f} | {r['cgd_fwdbwd']:.3f} | {r['gap_fwdbwd']:.3f} | {r['ratio_fwdbwd']:.3f} |")
+        for key, name, bwd in (('fwd', 'forward', ''), ('fwdbwd', 'forward+backward', '_bwd')):
+            L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {name} | {r['backbone_' + key]:.3f} | "
+                     f"{r['cgd_head' + bwd + '_ms']:.2f} | {r['gap_head' + bwd + '_ms']:.2f} | "
+                     f"{r['parts_ratio_' + key]:.4f} | {r['cgd_' + key]:.3f} / {r['gap_' + key]:.3f} | "
+                     f"{r['ratio_' + key]:.3f} |")
     L += ['', '## Pooling kernels', '', 'Forward on a (batch, 2048, 14, 14) map; reference: torch adaptive avg pooling '
           '(for SPoC and GeM) or max pooling (for MAC).', '', '| dtype | pooling | ms | torch ms | ratio |',
           '|---|---|---|---|---|']
@@ -246,11 +296,14 @@ def write(path: Path, sections: Dict[str, object], seconds: float, command: str,
         L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['None']:.3f} | {r['strip']:.3f} | "
                  f"{r['dilate']:.3f} | {r['strip'] / r['None']:.2f} |")
     L += ['', '## Training throughput', '', 'One optimisation step (Adam): CGD (SG, 1536-d, classifier, batch-hard '
-          'triplet) vs timm classifier with cross-entropy, same backbone and batch.', '',
-          '| backbone | input | batch | CGD img/s | classifier img/s | CGD / classifier |', '|---|---|---|---|---|---|']
+          'triplet) vs timm classifier with cross-entropy, same backbone and batch, steps taken in turn. CGD with its '
+          'stripped backbone (what it trains) and with the stride untouched (the head and loss alone).', '',
+          '| backbone | input | batch | CGD img/s | CGD, stride untouched, img/s | classifier img/s | CGD / classifier '
+          '| CGD untouched / classifier |', '|---|---|---|---|---|---|---|---|']
     for r in sections['train']:
-        L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['cgd_img_s']:.1f} | {r['plain_img_s']:.1f} | "
-                 f"{r['ratio']:.2f} |")
+        L.append(f"| {r['model']} | {r['size']} | {r['batch']} | {r['cgd_img_s']:.1f} | "
+                 f"{r['cgd_untouched_img_s']:.1f} | {r['plain_img_s']:.1f} | {r['ratio']:.2f} | "
+                 f"{r['ratio_untouched']:.2f} |")
     L += ['', '## Evaluation (Recall@1/2/4/8 + MAP@R, query vs rest)', '',
           'Clustered random unit embeddings (20 per class). `bound` = 2 n^2 d / measured matmul peak (the similarity '
           'matrix alone). Peak = peak RSS (VmHWM) of a fresh process that generated the data and evaluated it; `+eval` = '
@@ -291,23 +344,41 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--quick', action='store_true', help='tiny sizes: a smoke test of the script')
     p.add_argument('--output', default=str(RESULTS))
+    p.add_argument('--sections', nargs='+', choices=SECTIONS, default=list(SECTIONS),
+                   help='re-measure only these; the others are kept from the JSON beside --output')
     args = p.parse_args(argv)
     start = time.time()
     q = args.quick
-    peak = sgemm_peak()
+    output = Path(args.output)
     sections: Dict[str, object] = {}
-    sections['head'] = [head_overhead('test_resnet', 64, 4, 2)] if q else [
-        head_overhead('resnet50', 224, 32, 3), head_overhead('resnet18', 112, 32, 5)]
-    sections['pool'] = pooling_kernels(2 if q else 32, 3 if q else 20)
-    sections['stride'] = [stride_cost('test_resnet', 64, 4, 2)] if q else [
-        stride_cost('resnet50', 224, 32, 3), stride_cost('tf_efficientnet_lite0', 224, 32, 3)]
-    sections['train'] = [training_throughput('test_resnet', 64, 8, 2)] if q else [
-        training_throughput('resnet18', 112, 32, 5), training_throughput('resnet50', 224, 32, 2)]
-    sections['eval'] = evaluation([2000] if q else [20000, 60000, 120000], [64] if q else [512, 1536], peak,
-                                  timeout=60 if q else 1800)
-    sections['index_n'], sections['index_d'], sections['index_q'] = (5000, 64, 200) if q else (100000, 512, 2000)
-    sections['index'] = index_search(sections['index_n'], sections['index_d'], sections['index_q'])
-    write(Path(args.output), sections, time.time() - start, 'python benchmarks/speed.py ' + ' '.join(argv), peak)
+    if set(args.sections) != set(SECTIONS):
+        if not output.with_suffix('.json').is_file():
+            p.error(f'--sections needs {output.with_suffix(".json")} from a full run for the other sections')
+        sections = json.loads(output.with_suffix('.json').read_text(encoding='utf-8'))
+    peak = sgemm_peak()
+    sections.setdefault('runs', {})
+    for name in args.sections:
+        sections['runs'][name] = time.strftime('%Y-%m-%d') + ' `python benchmarks/speed.py ' + ' '.join(argv) + '`'
+    if 'head' in args.sections:
+        sections['head'] = [head_overhead('test_resnet', 64, 4, 2)] if q else [
+            head_overhead('resnet50', 224, 32, 5), head_overhead('resnet18', 112, 32, 5)]
+    if 'pool' in args.sections:
+        sections['pool'] = pooling_kernels(2 if q else 32, 3 if q else 20)
+    if 'stride' in args.sections:
+        sections['stride'] = [stride_cost('test_resnet', 64, 4, 2)] if q else [
+            stride_cost('resnet50', 224, 32, 3), stride_cost('tf_efficientnet_lite0', 224, 32, 3)]
+    if 'train' in args.sections:
+        sections['train'] = [training_throughput('test_resnet', 64, 8, 2)] if q else [
+            training_throughput('resnet18', 112, 32, 5), training_throughput('resnet50', 224, 32, 3)]
+    if 'eval' in args.sections:
+        sections['peak'] = peak
+        sections['eval'] = evaluation([2000] if q else [20000, 60000, 120000], [64] if q else [512, 1536], peak,
+                                      timeout=60 if q else 1800)
+    if 'index' in args.sections:
+        sections['index_n'], sections['index_d'], sections['index_q'] = (5000, 64, 200) if q else (100000, 512, 2000)
+        sections['index'] = index_search(sections['index_n'], sections['index_d'], sections['index_q'])
+    write(output, sections, time.time() - start, 'python benchmarks/speed.py ' + ' '.join(argv),
+          sections.get('peak', peak))
 
 
 if __name__ == '__main__':
