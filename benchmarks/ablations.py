@@ -93,7 +93,8 @@ PAPER_CLAIMS: Dict[str, List[Tuple[str, str]]] = {
     'loss': [('ranking + classification', 'ranking only'), ('ranking + classification', 'classification only')],
     'tricks': [('both', 'temperature only'), ('temperature only', 'label smoothing only'),
                ('label smoothing only', 'neither')],
-    'architecture': [('CGD', 'B: concat pooled -> one FC'), ('B: concat pooled -> one FC', 'A: ranking loss per branch'),
+    'architecture': [('CGD', 'B: concat pooled -> one FC'),
+                     ('B: concat pooled -> one FC', 'A: ranking loss per branch'),
                      ('CGD', 'A: ranking loss per branch')],
     'combination': [('concat', 'sum')],
     'descriptors': [('*combined', '*single'), ('*combined', 'GAP + FC, ranking loss only'),
@@ -107,6 +108,16 @@ TRIED = {
              '7.0 and is used for every row. Seeds 0, 1, 2.',
     'finetune': 'One budget only (Adam lr 1e-3, cosine, 5 epochs at 32 px, seeds 0, 1, 2): 2 CPU cores do not '
                 'afford a learning-rate search end to end; the same budget for every row.',
+}
+
+#: what a tier cannot show about a table, said under its verdicts
+CAVEATS = {
+    ('heads', 'stride'): 'With a frozen backbone, `strip` runs the last stage\'s pretrained filters at twice the '
+                         'sampling rate they were trained at, and nothing adapts them; `dilate` keeps their receptive '
+                         'field. The paper strips the stride and then fine-tunes the whole network, which this tier '
+                         'does not do: it measures the cost of stripping before fine-tuning, not after.',
+    ('heads', 'descriptors'): 'Trained rows learn only the heads on frozen features; the off-the-shelf rows are the '
+                              'same frozen (stripped) features pooled without any training.',
 }
 
 
@@ -139,6 +150,8 @@ def findings(table: str, tier: str, results: List[Tuple[str, Dict[str, Tuple[flo
         name_b = f'best {worse[1:]} (`{b}`)' if worse.startswith('*') else f'`{b}`'
         lines.append(f'- {name_a} > {name_b}: {verdict} '
                      f'({diff:+.2f} R@1 points, larger std {noise:.2f}).')
+    if (tier, table) in CAVEATS:
+        lines += ['', f'Caveat: {CAVEATS[tier, table]}']
     lines += ['', f'Tried: {TRIED[tier]}']
     return lines
 

@@ -306,8 +306,9 @@ def write(path: Path, sections: Dict[str, object], seconds: float, command: str,
                  f"{r['ratio_untouched']:.2f} |")
     L += ['', '## Evaluation (Recall@1/2/4/8 + MAP@R, query vs rest)', '',
           'Clustered random unit embeddings (20 per class). `bound` = 2 n^2 d / measured matmul peak (the similarity '
-          'matrix alone). Peak = peak RSS (VmHWM) of a fresh process that generated the data and evaluated it; `+eval` = '
-          'how far evaluation raised that peak above the data generation; `data` = the embeddings themselves. PML = '
+          'matrix alone). Peak = peak RSS (VmHWM) of a fresh process that generated the data and evaluated it; '
+          '`+eval` = how far evaluation raised that peak above the data generation; `data` = the embeddings '
+          'themselves. PML = '
           "`AccuracyCalculator(include=('precision_at_1', 'mean_average_precision_at_r'), k='max_bin_count')`.", '',
           '| n | d | bound (s) | ours (s) | ours / bound | ours peak MB (+eval, data) | PML (s) | PML peak MB (+eval) '
           '| PML / ours |',
