@@ -7,6 +7,7 @@ record: builds, final feature map before/after, embedding shape, backward pass, 
 
     python benchmarks/backbone_coverage.py                      # all families, ~20-40 min on 2 CPU cores
     python benchmarks/backbone_coverage.py --modules resnet vgg  # a subset
+    python benchmarks/backbone_coverage.py --merge --modules hrnet  # re-check some rows of the committed report
 """
 from __future__ import annotations
 
@@ -44,10 +45,14 @@ def representative(module: str) -> Optional[str]:
     return best[1] if best else None
 
 
-def input_size(pretrained_cfg: Dict[str, object], round_up: bool) -> Tuple[int, int, int]:
-    """The model's own input size; CNN sizes rounded up to a multiple of 32 so 'doubled' is exact (176 -> 192)."""
+def input_size(pretrained_cfg: Dict[str, object], multiple: int) -> Tuple[int, int, int]:
+    """The model's own input size, rounded up to a multiple of its total reduction so 'doubled' is exact.
+
+    E.g. 176 -> 192 for a stride-32 CNN, 224 -> 256 for a stride-64 one (at 224 its 7x7 map would end 4x4 and a
+    correct strip would give 7x7, not 8x8). ``multiple=1`` keeps the size (token models).
+    """
     c, h, w = pretrained_cfg.get('input_size') or (3, 224, 224)
-    return (c, -(-h // 32) * 32, -(-w // 32) * 32) if round_up else (c, h, w)
+    return c, -(-h // multiple) * multiple, -(-w // multiple) * multiple
 
 
 class Timeout(Exception):
@@ -58,15 +63,24 @@ def _alarm(signum, frame):  # noqa: ARG001
     raise Timeout()
 
 
-def check(name: str, mode: Optional[str], seconds: int) -> Dict[str, object]:
-    """Build, forward and backward one model in one stride mode."""
+def total_reduction(model: torch.nn.Module) -> Tuple[int, List[int]]:
+    """(the multiple to round CNN inputs to, the reductions of the feature_info stages) of an untouched backbone."""
+    reductions = [int(f['reduction']) for f in getattr(model, 'feature_info', []) if 'reduction' in f]
+    return max([32, *reductions]), reductions
+
+
+def check(name: str, mode: Optional[str], seconds: int, multiple: Optional[int] = None) -> Dict[str, object]:
+    """Build, forward and backward one model in one stride mode (mode None first: it fixes ``multiple``)."""
     row: Dict[str, object] = {'mode': str(mode)}
     start = time.time()
     signal.alarm(seconds)
     try:
         torch.manual_seed(0)
         model = create_model(name, descriptors='SMG', embed_dim=48, num_classes=4, stride_mode=mode)
-        size = input_size(model.pretrained_cfg, round_up=model.head.input_fmt == 'NCHW')
+        if mode is None:
+            multiple, row['reductions'] = total_reduction(model.backbone)
+            row['multiple'] = multiple
+        size = input_size(model.pretrained_cfg, multiple if model.head.input_fmt != 'NLC' else 1)
         row['input'] = 'x'.join(map(str, size[1:]))
         out = feature_map_size(model.backbone, size)
         row['fmt'] = model.head.input_fmt
@@ -94,7 +108,14 @@ def main() -> None:
     p.add_argument('--modules', nargs='*', help='timm modules to check (default: all)')
     p.add_argument('--timeout', type=int, default=240, help='seconds per model and mode')
     p.add_argument('--output', default=str(RESULTS))
+    p.add_argument('--merge', action='store_true',
+                   help='re-check --modules only and keep every other row of the existing --output report')
     args = p.parse_args()
+    if args.merge and not (args.modules and Path(args.output).is_file()):
+        p.error('--merge needs --modules and an existing --output report')
+    unknown = sorted(set(args.modules or []) - set(timm.list_modules()))
+    if unknown:
+        p.error(f'--modules {unknown} are not timm model modules; see timm.list_modules()')
     signal.signal(signal.SIGALRM, _alarm)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.time()
@@ -104,10 +125,26 @@ def main() -> None:
         if name is None:
             rows.append({'module': module, 'model': '-', 'results': []})
             continue
-        results = [check(name, mode, args.timeout) for mode in MODES]
+        results = [check(name, None, args.timeout)]
+        results += [check(name, mode, args.timeout, results[0].get('multiple', 32)) for mode in MODES[1:]]
         rows.append({'module': module, 'model': name, 'results': results})
         print(module, name, [(r['mode'], r.get('map'), r['status'][:60]) for r in results], flush=True)
-    write_report(rows, Path(args.output), time.time() - started)
+    lines = {row['module']: report_line(row) for row in rows}
+    commands = ['python benchmarks/backbone_coverage.py' + (f' --modules {" ".join(args.modules)}' if args.modules
+                                                           else '')]
+    if args.merge:
+        kept = read_report(Path(args.output))
+        commands = [*kept['commands'],
+                    f'python benchmarks/backbone_coverage.py --merge --modules {" ".join(args.modules)}']
+        lines = {**kept['lines'], **lines}
+    write_report(dict(sorted(lines.items())), Path(args.output), time.time() - started, commands)
+
+
+STRIPPED = ('doubles (strip, dilate)', 'doubles (strip only)')
+#: strip removed the last step exactly (create_model verifies the final map equals the one entering that step), but
+#: unpadded convolutions make that map 2x+2 rather than 2x (Inception: 8x8 came from 18x18)
+UNPADDED = 'last step removed by strip; map 2x+2 (unpadded convolutions)'
+ISOTROPIC = 'isotropic: one patch-embedding step, nothing to strip'
 
 
 def _verdict(row: Dict[str, object]) -> str:
@@ -120,47 +157,82 @@ def _verdict(row: Dict[str, object]) -> str:
 
     def doubled(r: Dict[str, object]) -> bool:
         return r['status'] == 'ok' and r['map'] == f'{2 * h}x{2 * w}'
-    return {(True, True): 'doubles (strip, dilate)', (True, False): 'doubles (strip only)',
-            (False, True): 'doubles (dilate only)', (False, False): 'not stripped'}[(doubled(strip), doubled(dilate))]
+    verdict = {(True, True): STRIPPED[0], (True, False): STRIPPED[1], (False, True): 'doubles (dilate only)',
+               (False, False): 'not stripped'}[(doubled(strip), doubled(dilate))]
+    if verdict == 'not stripped' and len(set(base.get('reductions', []))) == 1:
+        return ISOTROPIC  # every stage at the patch embedding's resolution, like a plain ViT
+    if verdict == 'not stripped' and strip['status'] == 'ok' and strip['map'] == f'{2 * h + 2}x{2 * w + 2}':
+        return UNPADDED
+    return verdict
 
 
-def write_report(rows: List[Dict[str, object]], path: Path, seconds: float) -> None:
-    lines = [
+def report_line(row: Dict[str, object]) -> Tuple[str, str]:
+    """(table line, verdict) of one module."""
+    if not row['results']:
+        return f"| {row['module']} | - | | | | | | no model constructible | | |", 'no model constructible'
+    base, strip, dilate = row['results']
+    verdict = _verdict(row)
+    failures = '; '.join(f"{r['mode']}: {r['status']}" for r in row['results'] if r['status'] != 'ok')
+    failures = failures.replace('|', '/')
+    return (f"| {row['module']} | {row['model']} | {base.get('input', '')} | {base.get('fmt', '')} | "
+            f"{base.get('map', '')} | {strip.get('map', '')} | {dilate.get('map', '')} | {verdict} | "
+            f"{sum(r['seconds'] for r in row['results']):.0f} | {failures} |"), verdict
+
+
+HEADER = '| module | model | input | format | map (none) | map (strip) | map (dilate) | verdict | s | failure |'
+
+
+def read_report(path: Path) -> Dict[str, object]:
+    """The rows (module -> (line, verdict)) and generating command of an earlier report, for --merge."""
+    text = path.read_text(encoding='utf-8').splitlines()
+    start = text.index(HEADER) + 2
+    rows = {}
+    for line in text[start:]:
+        if not line.startswith('| '):
+            break
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        rows[cells[0]] = (line, cells[7])
+    commands_line = next((line for line in text if line.startswith('Commands: ') or line.startswith('Generated by `')),
+                         '`python benchmarks/backbone_coverage.py`')
+    commands = commands_line.split('`')[1::2][:1] if commands_line.startswith('Generated') else \
+        commands_line.split('`')[1::2]
+    return {'lines': rows, 'commands': commands}
+
+
+def write_report(lines: Dict[str, Tuple[str, str]], path: Path, seconds: float, commands: List[str]) -> None:
+    out = [
         '# Backbone coverage',
         '',
-        f'Generated by `python benchmarks/backbone_coverage.py` in {seconds / 60:.1f} min on '
-        f'{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), timm {timm.__version__}, '
-        f'torch {torch.__version__}. One representative per '
-        'timm module (the smallest non-test model), random weights, `create_model(name, descriptors="SMG", '
-        'embed_dim=48, stride_mode=...)`, the input size of its pretrained_cfg, a forward and a backward pass.',
+        'Commands: ' + '; then '.join(f'`{c}`' for c in commands) + '.',
         '',
-        '| module | model | input | format | map (none) | map (strip) | map (dilate) | verdict | s | failure |',
+        f'Last run {seconds / 60:.1f} min on {platform.processor() or platform.machine()} '
+        f'({torch.get_num_threads()} threads), timm {timm.__version__}, torch {torch.__version__}. One representative '
+        'per timm module (the smallest non-test model), random weights, `create_model(name, descriptors="SMG", '
+        'embed_dim=48, stride_mode=...)`, the input size of its pretrained_cfg rounded up to a multiple of its total '
+        'reduction (token models: as it is), a forward and a backward pass.',
+        '',
+        HEADER,
         '|---|---|---|---|---|---|---|---|---|---|',
     ]
     verdicts: Dict[str, int] = {}
-    for row in rows:
-        if not row['results']:
-            lines.append(f"| {row['module']} | - | | | | | | no model constructible | | |")
-            verdicts['no model constructible'] = verdicts.get('no model constructible', 0) + 1
-            continue
-        base, strip, dilate = row['results']
-        verdict = _verdict(row)
+    for line, verdict in lines.values():
+        out.append(line)
         verdicts[verdict] = verdicts.get(verdict, 0) + 1
-        failures = '; '.join(f"{r['mode']}: {r['status']}" for r in row['results'] if r['status'] != 'ok')
-        failures = failures.replace('|', '/')
-        lines.append(f"| {row['module']} | {row['model']} | {base.get('input', '')} | {base.get('fmt', '')} | "
-                     f"{base.get('map', '')} | {strip.get('map', '')} | {dilate.get('map', '')} | {verdict} | "
-                     f"{sum(r['seconds'] for r in row['results']):.0f} | {failures} |")
-    spatial = [r for r in rows
-               if r['results'] and r['results'][0]['status'] == 'ok' and r['results'][0]['fmt'] != 'NLC']
-    strip_ok = [r for r in spatial if _verdict(r) in ('doubles (strip, dilate)', 'doubles (strip only)')]
-    lines += ['', '## Totals', '']
-    lines += [f'- {v}: {n}' for v, n in sorted(verdicts.items())]
+    not_spatial = ('tokens: pooled as NLC, nothing to strip', ISOTROPIC, 'does not build/run with cgd_heads',
+                   'no model constructible')
+    spatial = [v for _, v in lines.values() if v not in not_spatial]
+    strip_ok = [v for v in spatial if v in STRIPPED]
+    removed = [v for v in spatial if v in (*STRIPPED, UNPADDED)]
+    out += ['', '## Totals', '']
+    out += [f'- {v}: {n}' for v, n in sorted(verdicts.items())]
     if spatial:
-        lines.append(f'- `strip` doubles the final map exactly in {len(strip_ok)} of {len(spatial)} families with a '
-                     f'spatial map ({100 * len(strip_ok) / len(spatial):.0f}%).')
+        out.append(f'- `strip` doubles the final map exactly in {len(strip_ok)} of {len(spatial)} hierarchical '
+                   f'families with a spatial map ({100 * len(strip_ok) / len(spatial):.0f}%); it removes the last '
+                   f'downsampling step in {len(removed)} ({100 * len(removed) / len(spatial):.0f}%). Isotropic '
+                   'models (a spatial map at the patch embedding\'s resolution) are counted with the token models: '
+                   'nothing to strip.')
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    path.write_text('\n'.join(out) + '\n', encoding='utf-8')
     print(f'wrote {path}')
 
 

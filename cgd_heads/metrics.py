@@ -43,9 +43,8 @@ DEFAULT_KS = (1, 2, 4, 8)
 SOP_KS = (1, 10, 100, 1000)
 #: Recall@K cut-offs reported for In-shop Clothes Retrieval.
 INSHOP_KS = (1, 10, 20, 30, 40, 50)
-#: Queries searched per faiss call; see :func:`evaluate_retrieval` for the memory this bounds. 4096 is faiss's own
-#: query block for BLAS search: smaller chunks make smaller matrix products (1024 was 8% slower at 20k x 1536).
-DEFAULT_CHUNK_SIZE = 4096
+#: Queries searched per faiss call; see :func:`evaluate_retrieval` for the memory this bounds.
+DEFAULT_CHUNK_SIZE = 1024
 #: Largest R used for AP@R. Class sizes of the usual benchmarks stay far below (SOP <= 12, In-shop <= ~160, CUB
 #: ~60, Cars ~100; a class of 800 images gives R = 799), while an unbounded R for a huge class (e.g. 2 classes of
 #: 50k) would make every query retrieve 50k neighbours.
@@ -129,7 +128,7 @@ def evaluate_retrieval(
         4 * N_gallery * D  +  chunk_size * (4 * D + ~60 * k_c)  bytes
 
     (~60 bytes per result: faiss's float32 score and int64 id, then the neighbour labels, relevance mask and the
-    AP@R cumulative sums; ~250 MB for chunk_size 4096 and k_c 1001, ~5 MB for k_c 20, on top of a 600 MB index for
+    AP@R cumulative sums; ~62 MB for chunk_size 1024 and k_c 1001, ~1 MB for k_c 20, on top of a 600 MB index for
     100k x 1536, which faiss holds as its own copy of the gallery). Queries with R = 0 are not searched at all.
     Ties in similarity are ranked in faiss's order; metrics that depend on the order of exactly tied items with
     different labels are ambiguous under any k-NN evaluation.

@@ -55,15 +55,18 @@ def _default_input_size(model: nn.Module) -> Tuple[int, int, int]:
     return tuple(int(s) for s in size)
 
 
-def _forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _forward_features(model: nn.Module, x: torch.Tensor, keep_list: bool = False) -> Any:
     out = model.forward_features(x) if hasattr(model, 'forward_features') else model(x)
-    if isinstance(out, (list, tuple)):  # features_only models return one map per stage
+    if isinstance(out, (list, tuple)) and not keep_list:  # features_only models return one map per stage
         out = out[-1]
     return out
 
 
-def _trace(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[List[_Call], torch.Tensor]:
-    """Run one eval-mode forward pass and record the in/out size of every conv/pool call."""
+def _trace(model: nn.Module, input_size: Tuple[int, int, int], keep_list: bool = False) -> Tuple[List[_Call], Any]:
+    """Run one eval-mode forward pass and record the in/out size of every conv/pool call.
+
+    The output is the model's final feature map; ``keep_list=True`` returns a list/tuple output as it is.
+    """
     calls: List[_Call] = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -79,7 +82,7 @@ def _trace(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[List[_Ca
     try:
         model.eval()
         with torch.no_grad():
-            out = _forward_features(model, torch.zeros((1, *input_size), device=device, dtype=dtype))
+            out = _forward_features(model, torch.zeros((1, *input_size), device=device, dtype=dtype), keep_list)
     finally:
         for h in handles:
             h.remove()

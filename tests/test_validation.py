@@ -30,6 +30,7 @@ CASES = [
     (lambda: CGDLoss(margin=float('nan')), ValueError, 'margin'),
     (lambda: create_model('resnet_50'), ValueError, 'did you mean'),
     (lambda: create_model('resnet18', stride_mode='dilated'), ValueError, 'stride_mode'),
+    (lambda: create_model('crossvit_tiny_240'), ValueError, 'returns a list of 2, not one feature map'),
     (lambda: strip_last_stride(torch.nn.Linear(2, 2), mode='strip'), ValueError, 'a forward pass of one'),
     (lambda: TrainConfig(m_per_class=3, batch_size=8), ValueError, 'multiple of m_per_class'),
     (lambda: TrainConfig(val_classes=-1), ValueError, 'val_classes'),
