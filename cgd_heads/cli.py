@@ -210,6 +210,8 @@ def _train(args: argparse.Namespace) -> None:
                          f'--train-classes N')
     result = train(config, splits['train'], out, resume=args.resume, skip_bad_images=args.skip_bad_images,
                    extra={'dataset': args.dataset, 'data_root': str(Path(args.data).resolve())})
+    if not result.is_main:  # torchrun: rank 0 reports and evaluates, the other ranks are done
+        return
     print(f'best checkpoint: {result.best_dir} (validation {config.select_metric} = {result.best_metric})')
     if not args.no_test and ('test' in splits or 'query' in splits):
         data_config = load_config(result.best_dir)['data']

@@ -122,12 +122,17 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns: the selected model, where it is, and the per-epoch history."""
+    """What :func:`train` returns: the selected model, where it is, and the per-epoch history.
+
+    Under torchrun only rank 0 (``is_main``) holds the selected model and the metrics; the other ranks get their
+    last-epoch replica and should not evaluate or write anything.
+    """
     model: CGDModel
     best_dir: Path
     last_dir: Path
     history: List[Dict[str, Any]] = field(default_factory=list)
     best_metric: Optional[float] = None
+    is_main: bool = True
 
 
 def build_model(config: TrainConfig, num_classes: int) -> CGDModel:
@@ -376,6 +381,7 @@ def train(
         context.barrier()
 
     if not context.is_main:
-        return TrainResult(model=model, best_dir=best_dir, last_dir=last_dir, history=history, best_metric=best_metric)
+        return TrainResult(model=model, best_dir=best_dir, last_dir=last_dir, history=history, best_metric=best_metric,
+                           is_main=False)
     best = load_pretrained(best_dir, map_location=device) if resolve_dir(best_dir).exists() else model
     return TrainResult(model=best, best_dir=best_dir, last_dir=last_dir, history=history, best_metric=best_metric)

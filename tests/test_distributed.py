@@ -93,3 +93,4 @@ def test_torchrun_trains_and_rank_zero_writes(shapes_folder, tmp_path):
     rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in rows] == [1, 2] and all('val_recall@1' in r for r in rows)
     assert (out / 'best' / 'model.safetensors').is_file() and (out / 'last' / 'training_state.safetensors').is_file()
+    assert proc.stdout.count('best checkpoint:') == 1, proc.stdout  # only rank 0 reports
