@@ -362,7 +362,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         sections['runs'][name] = time.strftime('%Y-%m-%d') + ' `python benchmarks/speed.py ' + ' '.join(argv) + '`'
     if 'head' in args.sections:
         sections['head'] = [head_overhead('test_resnet', 64, 4, 2)] if q else [
-            head_overhead('resnet50', 224, 32, 5), head_overhead('resnet18', 112, 32, 5)]
+            head_overhead('resnet50', 224, 32, 3), head_overhead('resnet18', 112, 32, 5)]
     if 'pool' in args.sections:
         sections['pool'] = pooling_kernels(2 if q else 32, 3 if q else 20)
     if 'stride' in args.sections:
