@@ -213,10 +213,12 @@ def create_model(
     if not isinstance(out, torch.Tensor) or out.ndim not in (3, 4):
         found = (f'a {type(out).__name__} of {len(out)}' if isinstance(out, (list, tuple)) else
                  f'shape {tuple(out.shape)}' if isinstance(out, torch.Tensor) else type(out).__name__)
+        why = ('multi-branch models such as CrossViT or CoaT are not supported' if isinstance(out, (list, tuple))
+               else 'a backbone that already pools its features has nothing left for CGD to pool')
         raise ValueError(
             f'model_name={model_name!r}: its forward_features returns {found}, not one feature map (N, C, H, W) / '
-            f'(N, H, W, C) or token sequence (N, L, C); CGD pools a single map, so multi-branch models such as '
-            f'CrossViT or CoaT are not supported. Wrap the backbone so it returns one tensor and use CGDHead directly.')
+            f'(N, H, W, C) or token sequence (N, L, C); CGD pools a single map, so {why}. Wrap the backbone so it '
+            f'returns one such tensor and use CGDHead directly.')
     applied_mode = stride_mode
     if out.ndim == 3:
         if stride_mode is not None:
