@@ -268,11 +268,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                         'of the existing .md is kept, the table and the ordering checks are regenerated')
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    if args.dataset not in TIERS[args.tier]:
+        p.error(f'--tier {args.tier} runs on {TIERS[args.tier]}, not {args.dataset}')
     if args.render_only:
         render(args)
         return
-    if args.dataset not in TIERS[args.tier]:
-        p.error(f'--tier {args.tier} runs on {TIERS[args.tier]}, not {args.dataset}')
     if args.tier == 'heads' and args.table in FINETUNE_ONLY_TABLES:
         p.error(f'--table {args.table} needs --tier finetune: with a frozen backbone the auxiliary classifier '
                 f'shares no parameter with the embedding, so its loss and tricks cannot change the embedding')
@@ -378,8 +378,11 @@ def render(args: argparse.Namespace) -> None:
     if not md.is_file() or not js.is_file():
         sys.exit(f'ablations: --render-only needs {md} and {js} from an earlier run')
     old = md.read_text(encoding='utf-8').splitlines()
-    header = old[:old.index('| row | R@1 | R@2 | R@4 | R@8 | MAP@R |') + 2]
-    results = [(r['row'], {k: tuple(r[k]) for k in METRICS}, r['runs']) for r in json.loads(js.read_text())]
+    try:
+        header = old[:old.index('| row | R@1 | R@2 | R@4 | R@8 | MAP@R |') + 2]
+        results = [(r['row'], {k: tuple(r[k]) for k in METRICS}, r['runs']) for r in json.loads(js.read_text())]
+    except (ValueError, KeyError, TypeError) as e:
+        sys.exit(f'ablations: --render-only cannot read {md} / {js} as written by this script ({e!r})')
     write_table(out_dir, stem, header, args, results)
 
 

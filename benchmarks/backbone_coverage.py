@@ -66,7 +66,8 @@ def _alarm(signum, frame):  # noqa: ARG001
 def total_reduction(model: torch.nn.Module) -> Tuple[int, List[int]]:
     """(the multiple to round CNN inputs to, the reductions of the feature_info stages) of an untouched backbone."""
     reductions = [int(f['reduction']) for f in getattr(model, 'feature_info', []) if 'reduction' in f]
-    return max([32, *reductions]), reductions
+    # the final reduction, not a fixed 32: a patch-14 vision tower at 546 px must stay a multiple of 14
+    return (reductions[-1] if reductions else 32), reductions
 
 
 def check(name: str, mode: Optional[str], seconds: int, multiple: Optional[int] = None) -> Dict[str, object]:

@@ -348,6 +348,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--sections', nargs='+', choices=SECTIONS, default=list(SECTIONS),
                    help='re-measure only these; the others are kept from the JSON beside --output')
     args = p.parse_args(argv)
+    if args.quick and Path(args.output).resolve() == RESULTS.resolve():
+        p.error('--quick writes smoke numbers: pass --output somewhere other than the committed results file')
     start = time.time()
     q = args.quick
     output = Path(args.output)

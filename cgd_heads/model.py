@@ -214,7 +214,8 @@ def create_model(
         found = (f'a {type(out).__name__} of {len(out)}' if isinstance(out, (list, tuple)) else
                  f'shape {tuple(out.shape)}' if isinstance(out, torch.Tensor) else type(out).__name__)
         why = ('multi-branch models such as CrossViT or CoaT are not supported' if isinstance(out, (list, tuple))
-               else 'a backbone that already pools its features has nothing left for CGD to pool')
+               else 'a backbone that already pools its features has nothing left for CGD to pool'
+               if isinstance(out, torch.Tensor) and out.ndim == 2 else 'this output cannot be pooled')
         raise ValueError(
             f'model_name={model_name!r}: its forward_features returns {found}, not one feature map (N, C, H, W) / '
             f'(N, H, W, C) or token sequence (N, L, C); CGD pools a single map, so {why}. Wrap the backbone so it '
