@@ -127,8 +127,7 @@ def _group(label: str, rows: Dict[str, float]) -> List[str]:
         return [label] if label in rows else []
     letters = {r: r for r in rows if r and set(r) <= set('SMG')}
     return {'*single': [r for r in letters if len(r) == 1], '*combined': [r for r in letters if len(r) > 1],
-            '*off-the-shelf': [r for r in rows if r.startswith('off-the-shelf')],
-            '*trained': [r for r in rows if 'untrained' not in r and not r.startswith('off-the-shelf')]}[label]
+            '*off-the-shelf': [r for r in rows if r.startswith('off-the-shelf')]}[label]
 
 
 def findings(table: str, tier: str, results: List[Tuple[str, Dict[str, Tuple[float, float]], int]]) -> List[str]:
