@@ -142,10 +142,20 @@ def main() -> None:
 
 
 STRIPPED = ('doubles (strip, dilate)', 'doubles (strip only)')
-#: strip removed the last step exactly (create_model verifies the final map equals the one entering that step), but
-#: unpadded convolutions make that map 2x+2 rather than 2x (Inception: 8x8 came from 18x18)
-UNPADDED = 'last step removed by strip; map 2x+2 (unpadded convolutions)'
 ISOTROPIC = 'isotropic: one patch-embedding step, nothing to strip'
+#: why the families that strip_last_stride refuses cannot be doubled (read from their failure and timm's source; the
+#: failure column of the table holds the error itself)
+WHY_NOT = {
+    'efficientformer_v2': 'the last stage\'s attention reshapes to the resolution fixed at construction (its '
+                          'attention biases index a 7x7 grid)',
+    'gcvit': 'its global-context attention takes global query tokens made for a window count fixed at construction',
+    'hieradet_sam2': 'the pooling attention block derives its output size from q_stride and its fixed window sizes, '
+                     'not from the pooled tensor',
+    'hrnet': 'the 1/32 branch is created and fused with the others inside stage 4; the final map adds it to the '
+             'downsampled head, so no single step can be removed without changing every fusion layer',
+    'mobilenetv5': 'its multi-scale fusion adapter resizes the output to a fixed 16x16 (at 256 px) whatever the stride',
+    'visformer': 'a learned position embedding of the fixed 7x7 size is added after the last downsampling',
+}
 
 
 def _verdict(row: Dict[str, object]) -> str:
@@ -162,8 +172,6 @@ def _verdict(row: Dict[str, object]) -> str:
                (False, False): 'not stripped'}[(doubled(strip), doubled(dilate))]
     if verdict == 'not stripped' and len(set(base.get('reductions', []))) == 1:
         return ISOTROPIC  # every stage at the patch embedding's resolution, like a plain ViT
-    if verdict == 'not stripped' and strip['status'] == 'ok' and strip['map'] == f'{2 * h + 2}x{2 * w + 2}':
-        return UNPADDED
     return verdict
 
 
@@ -223,15 +231,17 @@ def write_report(lines: Dict[str, Tuple[str, str]], path: Path, seconds: float, 
                    'no model constructible')
     spatial = [v for _, v in lines.values() if v not in not_spatial]
     strip_ok = [v for v in spatial if v in STRIPPED]
-    removed = [v for v in spatial if v in (*STRIPPED, UNPADDED)]
     out += ['', '## Totals', '']
     out += [f'- {v}: {n}' for v, n in sorted(verdicts.items())]
     if spatial:
         out.append(f'- `strip` doubles the final map exactly in {len(strip_ok)} of {len(spatial)} hierarchical '
-                   f'families with a spatial map ({100 * len(strip_ok) / len(spatial):.0f}%); it removes the last '
-                   f'downsampling step in {len(removed)} ({100 * len(removed) / len(spatial):.0f}%). Isotropic '
-                   'models (a spatial map at the patch embedding\'s resolution) are counted with the token models: '
-                   'nothing to strip.')
+                   f'families with a spatial map ({100 * len(strip_ok) / len(spatial):.0f}%). Isotropic models (a '
+                   'spatial map at the patch embedding\'s resolution) are counted with the token models: nothing to '
+                   'strip.')
+    refused = [m for m, (_, v) in lines.items() if v not in not_spatial and v not in STRIPPED]
+    if refused:
+        out += ['', '## Where `strip` does not double the map, and why', '']
+        out += [f'- {m} ({lines[m][1]}): {WHY_NOT.get(m, "see the failure column")}.' for m in refused]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('\n'.join(out) + '\n', encoding='utf-8')
     print(f'wrote {path}')

@@ -163,8 +163,11 @@ def create_model(
         num_classes: Training classes of the auxiliary classifier (0: none, e.g. for inference).
         pretrained: Load timm's pretrained weights (needs the hub; offline use ``checkpoint_path``).
         stride_mode: ``'strip'`` (stride 1, the paper), ``'dilate'`` (timm's ``output_stride=16`` where the family
-            supports it, generic dilation otherwise) or None (untouched). Token backbones (plain ViTs) have
-            nothing to strip: a message is logged and they are used as they are.
+            supports it, generic dilation otherwise) or None (untouched). Downsampling that is not a strided
+            conv/pool (Swin's patch merging, a functional pool) is run by shift-and-stitch; see
+            :func:`strip_last_stride`, which raises a ValueError naming the reason where no way doubles the map
+            (e.g. a fixed-size position embedding after the last step). Token backbones (plain ViTs) have nothing
+            to strip: a message is logged and they are used as they are.
         checkpoint_path: Local weights (``.safetensors`` or a torch state dict, loaded with ``weights_only``):
             either a plain timm state dict of the backbone (loaded before the stride change; classifier keys
             ignored) or a CGDModel state dict (keys ``backbone.*`` / ``head.*``, loaded into the whole model).
