@@ -135,8 +135,9 @@ def main() -> None:
                                                            else '')]
     if args.merge:
         kept = read_report(Path(args.output))
+        timeout = f' --timeout {args.timeout}' if args.timeout != p.get_default('timeout') else ''
         commands = [*kept['commands'],
-                    f'python benchmarks/backbone_coverage.py --merge --modules {" ".join(args.modules)}']
+                    f'python benchmarks/backbone_coverage.py --merge --modules {" ".join(args.modules)}{timeout}']
         lines = {**kept['lines'], **lines}
     write_report(dict(sorted(lines.items())), Path(args.output), time.time() - started, commands)
 
@@ -149,8 +150,6 @@ WHY_NOT = {
     'efficientformer_v2': 'the last stage\'s attention reshapes to the resolution fixed at construction (its '
                           'attention biases index a 7x7 grid)',
     'gcvit': 'its global-context attention takes global query tokens made for a window count fixed at construction',
-    'hieradet_sam2': 'the pooling attention block derives its output size from q_stride and its fixed window sizes, '
-                     'not from the pooled tensor',
     'hrnet': 'the 1/32 branch is created and fused with the others inside stage 4; the final map adds it to the '
              'downsampled head, so no single step can be removed without changing every fusion layer',
     'mobilenetv5': 'its multi-scale fusion adapter resizes the output to a fixed 16x16 (at 256 px) whatever the stride',
