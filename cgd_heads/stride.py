@@ -46,7 +46,7 @@ __all__ = ['strip_last_stride', 'feature_map_size', 'STRIDE_MODES']
 _logger = logging.getLogger(__name__)
 
 STRIDE_MODES = ('strip', 'dilate')
-# Layers that compute their own 'same' padding from their stride at call time: setting stride 1 is enough.
+# Layers that compute their own padding from their stride (timm's 'same' layers) or pad themselves (BlurPool2d).
 _DYNAMIC_PAD = (Conv2dSame, AvgPool2dSame, MaxPool2dSame, BlurPool2d)
 _SPATIAL_OPS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, BlurPool2d)
 
@@ -119,12 +119,12 @@ def feature_map_size(model: nn.Module, input_size: Optional[Tuple[int, int, int]
     return tuple(out.shape[1:])
 
 
-def _same_padding(kernel: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[Any, bool]:
-    """Padding that keeps the size at stride 1; returns (padding, symmetric)."""
+def _same_padding(kernel: Tuple[int, int], dilation: Tuple[int, int]) -> Any:
+    """Padding that keeps the size at stride 1: symmetric where it exists, else torch's 'same'."""
     totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
     if all(t % 2 == 0 for t in totals):
-        return tuple(t // 2 for t in totals), True
-    return 'same', False
+        return tuple(t // 2 for t in totals)
+    return 'same'
 
 
 class _DoubleOutput:
@@ -216,7 +216,7 @@ class _Reverter:
 def _set_conv_padding(rev: _Reverter, conv: nn.Conv2d, dilation: Tuple[int, int]) -> None:
     if isinstance(conv, Conv2dSame):
         return
-    padding, _ = _same_padding(_pair(conv.kernel_size), dilation)
+    padding = _same_padding(_pair(conv.kernel_size), dilation)
     rev.set(conv, padding=padding)
     if conv.padding_mode != 'zeros':
         # nn.Conv2d pads non-zero modes itself from this precomputed (left, right, top, bottom) list.
@@ -287,7 +287,8 @@ def _halving_format(in_shape: tuple, out_shape: tuple, final_hw: Tuple[int, int]
     return None
 
 
-def _module_plans(model: nn.Module, input_size: Tuple[int, int, int], final_hw: Tuple[int, int]) -> List[_Plan]:
+def _module_plans(model: nn.Module, input_size: Tuple[int, int, int], final_hw: Tuple[int, int],
+                  calls: List[_Call]) -> List[_Plan]:
     """Plans for a last step that strided leaves alone do not make: the innermost modules that halve the map
     (leaves among them set to stride 1, the others stitched), then the smallest module holding all of them."""
     halving: Dict[str, Tuple[nn.Module, bool]] = {}
@@ -310,7 +311,7 @@ def _module_plans(model: nn.Module, input_size: Tuple[int, int, int], final_hw: 
         else:
             stitched.append((name, module, channels_last))
     plans = []
-    leaf_calls = [c for c in _trace(model, input_size)[0] if c.name in leaves]
+    leaf_calls = [c for c in calls if c.name in leaves]  # the conv/pool calls of the first trace
     if stitched:
         plans.append(_Plan(f'stitched {[n for n, _, _ in stitched]}' + (f', stride 1 {leaves}' if leaves else ''),
                            list({id(c.module): c for c in leaf_calls}.values()), stitched))
@@ -448,7 +449,7 @@ def strip_last_stride(
             failures.append(f'no strided convolution or pooling layer produces the final {final_hw[0]}x{final_hw[1]} '
                             f'map')
         rev = None
-        plans = _module_plans(model, input_size, final_hw)
+        plans = _module_plans(model, input_size, final_hw, calls)
         if not plans:
             failures.append('no enclosing module halves the map either')
         for plan in plans:
