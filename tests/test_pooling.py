@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cgd_heads import GeneralizedPooling, generalized_mean
+from cgd_heads import pooling
 from cgd_heads.pooling import P_LEARNABLE_RANGE
 
 
@@ -92,6 +93,96 @@ def test_gradient_matches_naive_reference():
     torch.testing.assert_close(p.grad, ref_p.grad)
 
 
+@pytest.mark.parametrize('p', [0.5, 2.5, 3.0, 10.0])
+@pytest.mark.parametrize('input_fmt', ['NCHW', 'NHWC'])
+def test_fixed_p_kernel_value_and_gradient_match_the_formula(monkeypatch, p, input_fmt):
+    # the hand-written backward of fixed-p GeM against autograd through the naive formula, in float64, with
+    # activations below eps (clamped: zero gradient) and blocks of 2 images over a batch of 5 (ragged last block)
+    monkeypatch.setattr(pooling, '_CPU_BLOCK_NUMEL', 2 * 3 * 4 * 5)
+    x = torch.rand(5, 3, 4, 5, dtype=torch.float64) - 0.2
+    x[0, 0] = 0.0  # a whole channel at zero: pooled to eps
+    pool = GeneralizedPooling(p=p, input_fmt=input_fmt)
+    ours = x.clone().requires_grad_()
+    out = pool(ours if input_fmt == 'NCHW' else ours.permute(0, 2, 3, 1))
+    ref_x = x.clone().requires_grad_()
+    ref = (ref_x.clamp(min=1e-6) ** p).mean(dim=(2, 3)) ** (1 / p)
+    torch.testing.assert_close(out, ref)
+    grad_output = torch.randn_like(ref)
+    out.backward(grad_output)
+    ref.backward(grad_output)
+    torch.testing.assert_close(ours.grad, ref_x.grad)
+    assert (ours.grad[x < 1e-6] == 0).all()
+
+
+def test_fixed_p_kernel_gradcheck_and_half_precision():
+    x = (torch.rand(3, 4, 6, dtype=torch.float64) + 0.05).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: GeneralizedPooling(p=3.0, input_fmt='NLC')(t), (x,))
+    # bf16 in, bf16 gradient out, computed in float32: close to the float32 gradient
+    x32 = (torch.rand(2, 8, 7, 7) * 10).requires_grad_()
+    x16 = x32.detach().bfloat16().requires_grad_()
+    GeneralizedPooling(p=3.0)(x32).sum().backward()
+    GeneralizedPooling(p=3.0)(x16).sum().backward()
+    assert x16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x16.grad.float(), x32.grad, rtol=2e-2, atol=1e-3)
+
+
+def test_fixed_p_kernel_second_order_gradient_matches_the_formula():
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64) - 0.1
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(GeneralizedPooling(p=3.0)(ours).pow(2).sum(), ours, create_graph=True)
+    (ref_grad,) = torch.autograd.grad(((ref.clamp(min=1e-6) ** 3).mean((2, 3)) ** (1 / 3)).pow(2).sum(), ref,
+                                      create_graph=True)
+    torch.testing.assert_close(grad, ref_grad)
+    grad.pow(2).sum().backward()
+    ref_grad.pow(2).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad)
+
+
+@pytest.mark.parametrize('per_channel, input_fmt', [(False, 'NCHW'), (True, 'NCHW'), (True, 'NHWC')])
+def test_learnable_p_kernel_gradients_match_the_formula(monkeypatch, per_channel, input_fmt):
+    # d/dx and d/dp of the blocked kernel against autograd through the naive formula (float64, ragged blocks)
+    monkeypatch.setattr(pooling, '_CPU_BLOCK_NUMEL', 2 * 3 * 4 * 5)
+    x = torch.rand(5, 3, 4, 5, dtype=torch.float64) - 0.1
+    pool = GeneralizedPooling(p=2.5, learnable=True, per_channel=per_channel, in_features=3,
+                              input_fmt=input_fmt).double()
+    with torch.no_grad():
+        pool.p.copy_(torch.tensor([1.5, 2.5, 4.0]) if per_channel else torch.tensor(2.5))
+    ref_p = pool.p.detach().clone().requires_grad_()
+    ours = x.clone().requires_grad_()
+    out = pool(ours if input_fmt == 'NCHW' else ours.permute(0, 2, 3, 1))
+    ref_x = x.clone().requires_grad_()
+    exponent = ref_p.view(-1, 1, 1)
+    ref = (ref_x.clamp(min=1e-6) ** exponent).mean(dim=(2, 3)) ** (1 / ref_p)
+    torch.testing.assert_close(out, ref)
+    grad_output = torch.randn_like(ref)
+    out.backward(grad_output)
+    ref.backward(grad_output)
+    torch.testing.assert_close(ours.grad, ref_x.grad)
+    torch.testing.assert_close(pool.p.grad, ref_p.grad)
+
+
+def test_kernel_passes_gradcheck_and_gradgradcheck():
+    x = (torch.rand(3, 4, 5, dtype=torch.float64) + 0.1).requires_grad_()
+    p = torch.tensor([[1.5], [2.0], [3.0], [6.0]], dtype=torch.float64, requires_grad=True)
+    for args in ((x, 3.0), (x, p)):
+        def fn(t, q=args[1]):
+            return pooling._GeMFunction.apply(t, q, 2, 1e-6)
+        assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(lambda t, q: pooling._GeMFunction.apply(t, q, 2, 1e-6), (x, p))
+
+
+def test_mac_gradient_goes_to_the_maximum():
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    grad_output = torch.randn(3, 4)
+    GeneralizedPooling(p=math.inf)(x).backward(grad_output)
+    expected = torch.zeros_like(x)
+    for i in range(3):
+        for j in range(4):
+            h, w = divmod(int(x[i, j].argmax()), 5)
+            expected[i, j, h, w] = grad_output[i, j]
+    assert torch.equal(x.grad, expected)
+
+
 def test_learnable_p_is_clamped_to_documented_range():
     pool = GeneralizedPooling(p=3.0, learnable=True)
     x = torch.rand(2, 4, 5, 5) + 0.5
@@ -152,11 +243,12 @@ def test_half_input_with_large_activations_stays_finite():
     torch.testing.assert_close(out.double(), naive_gem(x.float(), 3.0), rtol=2e-3, atol=1.0)
 
 
-def test_eval_is_deterministic_and_compile_matches_eager():
-    pool = GeneralizedPooling(p=3.0, learnable=True).eval()
+@pytest.mark.parametrize('learnable', [True, False])
+def test_eval_is_deterministic_and_compile_matches_eager(learnable):
+    pool = GeneralizedPooling(p=3.0, learnable=learnable).eval()
     x = torch.rand(2, 8, 7, 7)
     assert torch.equal(pool(x), pool(x))
-    compiled = torch.compile(pool, fullgraph=True)
+    compiled = torch.compile(pool, fullgraph=True)  # fixed p: the compiled graph takes the plain expression
     torch.testing.assert_close(compiled(x), pool(x))
 
 
