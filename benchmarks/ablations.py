@@ -262,6 +262,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--limit-classes', type=int, help='smoke tests: keep only the first N classes of each split')
     p.add_argument('--device', default='auto')
     p.add_argument('--output-dir', default=str(RESULTS))
+    p.add_argument('--rows', nargs='+', metavar='LABEL',
+                   help='run only these rows of the table (labels as in the table), e.g. to re-check an ordering '
+                        'at another learning rate; use with --tag so the full table is not overwritten')
+    p.add_argument('--tag', default='', help='suffix of the results files: <dataset>_<table>_<tag>.md')
     p.add_argument('--render-only', action='store_true',
                    help='rewrite <output-dir>/<dataset>_<table>.md and .png from its .json (no training): the header '
                         'of the existing .md is kept, the table and the ordering checks are regenerated')
@@ -269,6 +273,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = p.parse_args(argv)
     if args.dataset not in TIERS[args.tier]:
         p.error(f'--tier {args.tier} runs on {TIERS[args.tier]}, not {args.dataset}')
+    if args.rows:
+        unknown = sorted(set(args.rows) - {label for label, _ in TABLES[args.table]})
+        if unknown:
+            p.error(f'--rows {unknown} are not rows of --table {args.table}; its rows: '
+                    f'{[label for label, _ in TABLES[args.table]]}')
+    if args.tag and not args.tag.replace('-', '').replace('_', '').replace('.', '').isalnum():
+        p.error(f'--tag must be letters, digits, ".", "-" or "_" (it names a file), got {args.tag!r}')
     if args.render_only:
         render(args)
         return
@@ -289,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         base = HeadTrainConfig(descriptors='SG', embed_dim=args.embed_dim, epochs=args.epochs or 5,
                                lr=args.lr or 1e-4, batch_size=args.batch_size or 128)
         features: Dict[Optional[str], Tuple[dict, dict]] = {}
-        for label, overrides in TABLES[args.table]:
+        for label, overrides in selected_rows(args):
             stride = overrides.get('stride_mode', 'strip')
             if stride not in features:
                 features[stride] = load_features(args.dataset, stride, args.limit_classes, args.device)
@@ -315,7 +326,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                            batch_size=args.batch_size or 64, m_per_class=4, epochs=args.epochs or 5, lr=args.lr or 1e-3,
                            sched='cosine', val_classes=0, num_workers=0, progress=False, device=args.device,
                            eval_every=10 ** 6)
-        for label, overrides in finetune_rows(TABLES[args.table]):
+        for label, overrides in finetune_rows(selected_rows(args)):
             record(label, [run_finetune_row(overrides, base, splits, seed) for seed in args.seeds])
         setup = [
             f'- Network: {model_name}, random initialisation, last stride stripped, trained end to end (the '
@@ -331,11 +342,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     write(args, argv, setup, tested, results, time.time() - start)
 
 
+def selected_rows(args: argparse.Namespace) -> List[Row]:
+    """The table's rows, or those named by ``--rows`` (in the table's order)."""
+    return [row for row in TABLES[args.table] if not args.rows or row[0] in args.rows]
+
+
+def results_stem(args: argparse.Namespace) -> str:
+    return f'{args.dataset}_{args.table}' + (f'_{args.tag}' if args.tag else '')
+
+
 def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: int, results,
           seconds: float) -> None:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f'{args.dataset}_{args.table}'
+    stem = results_stem(args)
     device = torch.cuda.get_device_name() if args.device != 'cpu' and torch.cuda.is_available() else \
         f'CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)'
     tier = 'fast tier: heads trained on frozen feature maps' if args.tier == 'heads' else \
@@ -346,7 +366,7 @@ def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: i
         + (f'; SMOKE RUN limited to the first {args.limit_classes} classes of each split' if args.limit_classes else '')
         + f'. Evaluated: {tested} test images, every one a query against all the others.',
         *setup,
-        '- Same budget for every row.',
+        '- Same budget for every row.' + (f' Only the rows {args.rows} of the table were run.' if args.rows else ''),
         f'- Seeds: {args.seeds} (off-the-shelf rows are deterministic: one run). Values: mean +- std in %.',
         f'- Command: `python benchmarks/ablations.py {" ".join(argv)}`',
         f'- Machine: {device}; torch {torch.__version__}, timm {timm.__version__}; wall time {seconds / 60:.1f} min.',
@@ -372,7 +392,7 @@ def write_table(out_dir: Path, stem: str, header: List[str], args: argparse.Name
 
 def render(args: argparse.Namespace) -> None:
     """Regenerate a results file's table, ordering checks and plot from its JSON, keeping the measured header."""
-    out_dir, stem = Path(args.output_dir), f'{args.dataset}_{args.table}'
+    out_dir, stem = Path(args.output_dir), results_stem(args)
     md, js = out_dir / f'{stem}.md', out_dir / f'{stem}.json'
     if not md.is_file() or not js.is_file():
         sys.exit(f'ablations: --render-only needs {md} and {js} from an earlier run')

@@ -133,19 +133,23 @@ def head_overhead(name: str, size: int, batch: int, repeats: int) -> Dict[str, o
 
 
 def pooling_kernels(batch: int, repeats: int) -> List[Dict[str, object]]:
+    """Each pooling forward (no grad) and forward + backward, next to torch's adaptive avg / max pooling."""
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.rand(batch, 2048, 14, 14).to(dtype)
-        ref_avg = timed(lambda: F.adaptive_avg_pool2d(x, 1), repeats)
-        ref_max = timed(lambda: F.adaptive_max_pool2d(x, 1), repeats)
+        x = torch.rand(batch, 2048, 14, 14).to(dtype).requires_grad_()
+        ref_avg, ref_max = (lambda t: F.adaptive_avg_pool2d(t, 1)), (lambda t: F.adaptive_max_pool2d(t, 1))
         for label, pool, ref in (('p=1 (SPoC)', GeneralizedPooling(1.0), ref_avg),
                                  ('p=inf (MAC)', GeneralizedPooling(float('inf')), ref_max),
                                  ('p=3 (GeM)', GeneralizedPooling(3.0), ref_avg),
                                  ('p=3 learnable', GeneralizedPooling(3.0, learnable=True), ref_avg)):
             with torch.no_grad():
-                t = timed(lambda: pool(x), repeats)
-            rows.append({'dtype': str(dtype).replace('torch.', ''), 'pool': label, 'ms': 1e3 * t,
-                         'torch_ms': 1e3 * ref, 'ratio': t / ref})
+                fwd = interleaved({'ours': lambda: pool(x), 'torch': lambda: ref(x)}, repeats)
+            bwd = interleaved({'ours': lambda: pool(x).sum().backward(),
+                               'torch': lambda: ref(x).sum().backward()}, repeats)
+            rows.append({'dtype': str(dtype).replace('torch.', ''), 'pool': label, 'ms': 1e3 * fwd['ours'],
+                         'torch_ms': 1e3 * fwd['torch'], 'ratio': fwd['ours'] / fwd['torch'],
+                         'fwdbwd_ms': 1e3 * bwd['ours'], 'torch_fwdbwd_ms': 1e3 * bwd['torch'],
+                         'fwdbwd_ratio': bwd['ours'] / bwd['torch']})
     return rows
 
 
@@ -284,11 +288,14 @@ def write(path: Path, sections: Dict[str, object], seconds: float, command: str,
                      f"{r['cgd_head' + bwd + '_ms']:.2f} | {r['gap_head' + bwd + '_ms']:.2f} | "
                      f"{r['parts_ratio_' + key]:.4f} | {r['cgd_' + key]:.3f} / {r['gap_' + key]:.3f} | "
                      f"{r['ratio_' + key]:.3f} |")
-    L += ['', '## Pooling kernels', '', 'Forward on a (batch, 2048, 14, 14) map; reference: torch adaptive avg pooling '
-          '(for SPoC and GeM) or max pooling (for MAC).', '', '| dtype | pooling | ms | torch ms | ratio |',
-          '|---|---|---|---|---|']
+    L += ['', '## Pooling kernels', '', 'A (batch, 2048, 14, 14) map; reference: torch adaptive avg pooling (for SPoC '
+          'and GeM) or max pooling (for MAC), timed in turn with ours. Forward without grad; forward + backward of '
+          'the sum.', '', '| dtype | pooling | fwd ms | torch fwd ms | ratio | fwd+bwd ms | torch fwd+bwd ms | ratio |',
+          '|---|---|---|---|---|---|---|---|']
     for r in sections['pool']:
-        L.append(f"| {r['dtype']} | {r['pool']} | {r['ms']:.2f} | {r['torch_ms']:.2f} | {r['ratio']:.2f} |")
+        bwd = (f"{r['fwdbwd_ms']:.2f} | {r['torch_fwdbwd_ms']:.2f} | {r['fwdbwd_ratio']:.2f}" if 'fwdbwd_ms' in r
+               else '- | - | -')
+        L.append(f"| {r['dtype']} | {r['pool']} | {r['ms']:.2f} | {r['torch_ms']:.2f} | {r['ratio']:.2f} | {bwd} |")
     L += ['', '## Stride removal cost', '', 'Backbone forward (no grad), the price of a 2x larger final map.', '',
           '| backbone | input | batch | untouched (s) | stripped (s) | dilated (s) | stripped / untouched |',
           '|---|---|---|---|---|---|---|']
@@ -360,8 +367,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         sections = json.loads(output.with_suffix('.json').read_text(encoding='utf-8'))
     peak = sgemm_peak()
     sections.setdefault('runs', {})
+    command = ' '.join(['python benchmarks/speed.py', *argv])
     for name in args.sections:
-        sections['runs'][name] = time.strftime('%Y-%m-%d') + ' `python benchmarks/speed.py ' + ' '.join(argv) + '`'
+        sections['runs'][name] = f"{time.strftime('%Y-%m-%d')} `{command}`"
     if 'head' in args.sections:
         sections['head'] = [head_overhead('test_resnet', 64, 4, 2)] if q else [
             head_overhead('resnet50', 224, 32, 3), head_overhead('resnet18', 112, 32, 5)]
@@ -380,7 +388,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if 'index' in args.sections:
         sections['index_n'], sections['index_d'], sections['index_q'] = (5000, 64, 200) if q else (100000, 512, 2000)
         sections['index'] = index_search(sections['index_n'], sections['index_d'], sections['index_q'])
-    write(output, sections, time.time() - start, 'python benchmarks/speed.py ' + ' '.join(argv),
+    write(output, sections, time.time() - start, command,
           sections.get('peak', peak))
 
 

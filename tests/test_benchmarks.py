@@ -39,6 +39,20 @@ def test_ablations_smoke(tmp_path):
         '--limit-classes', '8', '--batch-size', '16', '--embed-dim', '48', '--output-dir', str(tmp_path))
     text = (tmp_path / 'cars196_architecture.md').read_text()
     assert 'SMOKE RUN' in text and '| CGD |' in text and (tmp_path / 'cars196_architecture.png').is_file()
+    # a subset of the rows, written beside the full table instead of over it
+    run('ablations.py', '--dataset', 'cars196', '--table', 'architecture', '--epochs', '1', '--seeds', '0',
+        '--limit-classes', '8', '--batch-size', '16', '--embed-dim', '48', '--output-dir', str(tmp_path),
+        '--rows', 'CGD', '--tag', 'subset')
+    subset = (tmp_path / 'cars196_architecture_subset.md').read_text()
+    assert "Only the rows ['CGD']" in subset and '| CGD |' in subset and '| A: ' not in subset
+    assert (tmp_path / 'cars196_architecture.md').read_text() == text
+
+
+def test_ablations_refuses_an_unknown_row(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / 'ablations.py'), '--dataset', 'cars196', '--table', 'tricks',
+                           '--tier', 'heads', '--rows', 'nothing', '--output-dir', str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "--rows ['nothing'] are not rows of --table tricks" in proc.stderr
 
 
 def _load_ablations():

@@ -200,6 +200,19 @@ class TestEquivalences:
         for chunk in (1, 3, 17):
             assert evaluate_retrieval(x, y, ks=(1, 4, 16), chunk_size=chunk) == full
 
+    def test_result_cap_shrinks_the_chunk_without_changing_results(self, monkeypatch):
+        from cgd_heads import metrics
+        x, y = clustered(SIZES, seed=6)
+        full = evaluate_retrieval(x, y, ks=(1, 4, 16))
+        calls = []
+        search = metrics._search_neighbours
+        monkeypatch.setattr(metrics, '_search_neighbours', lambda index, q, *a: calls.append(len(q)) or
+                            search(index, q, *a))
+        monkeypatch.setattr(metrics, 'MAX_RESULTS_PER_CALL', 100)
+        assert evaluate_retrieval(x, y, ks=(1, 4, 16)) == full
+        k_c = max(16, max(SIZES) - 1) + 1  # the largest k_c of any query: max(ks) vs the largest R, + itself
+        assert max(calls) == 100 // k_c and sum(calls) == len(x) - 1  # the singleton has no positive: not searched
+
     def test_torch_numpy_and_string_labels_agree(self):
         x, y = clustered(SIZES, seed=7)
         from_torch = evaluate_retrieval(x, y)
