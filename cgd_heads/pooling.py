@@ -193,8 +193,9 @@ class GeneralizedPooling(nn.Module):
     * ``p = float('inf')``: MAC, computed as ``amax`` (never as ``pow(inf)``, which returns all ones).
     * otherwise GeM, computed in float32 with max-scaling (see :func:`generalized_mean`), safe under fp16/bf16
       autocast and for large p. Activations below ``eps`` (zeros, negatives) are clamped to ``eps``. Eager calls
-      run a kernel with a hand-written backward over cache-sized blocks (about 5x faster forward, 3-4x faster
-      forward + backward on a ResNet-50 map on the CPU); traced or compiled graphs get the plain expression.
+      run a kernel with a hand-written backward over cache-sized blocks (several times faster than autograd
+      through the plain expression on the CPU, see ``benchmarks/results/speed.md``); traced or compiled graphs
+      get the plain expression.
 
     The variant is chosen once here from ``p`` and ``learnable``, not re-decided per call. A learnable p is an
     ``nn.Parameter``, a fixed p a buffer (so it follows ``.to()`` and lands in the state dict). A learnable p is
