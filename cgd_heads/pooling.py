@@ -76,7 +76,7 @@ class _GeMFunction(torch.autograd.Function):
         d f / d p   = f * ( mean_j(r_j^p ln r_j) / (p s) - ln(s) / p^2 ),   r = c / max_j c_j,  s = mean_j r_j^p
 
     in place on one buffer per block: autograd through the composite expression keeps and revisits five full-size
-    temporaries, which made GeM's forward + backward ~3x slower on a ResNet-50 map. ``c / f <= n^(1/p)`` and
+    temporaries, which made GeM's forward + backward 3-4x slower on a ResNet-50 map. ``c / f <= n^(1/p)`` and
     ``s >= 1/n``, so nothing overflows or takes the log of zero. ``p`` is a float (fixed) or a tensor broadcastable
     against the map with ``dim`` reduced to 1 (learnable, possibly per channel). Under ``create_graph=True`` the
     backward differentiates the composite expression instead, so higher-order gradients stay exact.
