@@ -127,6 +127,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument('--epochs', type=int, default=d.epochs)
     p.add_argument('--optimizer', default=d.optimizer, choices=['adam', 'adamw', 'sgd'])
     p.add_argument('--lr', type=float, default=d.lr)
+    p.add_argument('--head-lr', type=float, default=d.head_lr,
+                   help='learning rate of the head (new layers) when it should differ from the backbone\'s (default: '
+                        '--lr)')
     p.add_argument('--weight-decay', type=float, default=d.weight_decay)
     p.add_argument('--sched', default=d.sched, choices=['step', 'cosine', 'none'])
     p.add_argument('--warmup-epochs', type=int, default=d.warmup_epochs)
@@ -198,7 +201,8 @@ def _train(args: argparse.Namespace) -> None:
         aux_weight=args.aux_weight, ranking_weight=args.ranking_weight, img_size=args.img_size,
         resize_size=args.resize_size,
         batch_size=args.batch_size, m_per_class=args.m_per_class, iters_per_epoch=args.iters_per_epoch,
-        epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, sched=args.sched,
+        epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, head_lr=args.head_lr,
+        weight_decay=args.weight_decay, sched=args.sched,
         warmup_epochs=args.warmup_epochs, freeze_bn=args.freeze_bn, clip_grad=args.clip_grad, amp=args.amp,
         device=args.device, seed=args.seed, num_workers=args.num_workers,
         val_classes=int(args.val_classes) if args.val_classes >= 1 else args.val_classes,

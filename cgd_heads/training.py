@@ -74,6 +74,9 @@ class TrainConfig:
     epochs: int = 20
     optimizer: str = 'adam'
     lr: float = 1e-4
+    #: learning rate of the head (descriptor FCs, classifier, learnable p); default: ``lr``. The head starts from
+    #: random weights while a pretrained backbone should move slowly, so short fine-tunes profit from a larger one
+    head_lr: Optional[float] = None
     weight_decay: float = 0.0
     momentum: float = 0.9
     sched: str = 'step'  #: 'step': x0.1 at 60% and 80% of the epochs; 'cosine'; 'none'
@@ -105,6 +108,8 @@ class TrainConfig:
             raise ValueError(f'sched must be one of {SCHEDULES}, got {self.sched!r}')
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f'lr must be a finite float > 0, got {self.lr!r}')
+        if self.head_lr is not None and not (self.head_lr > 0 and math.isfinite(self.head_lr)):
+            raise ValueError(f'head_lr must be a finite float > 0 or None (= lr), got {self.head_lr!r}')
         if self.weight_decay < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
             raise ValueError('weight_decay, warmup_epochs and num_workers must be >= 0')
         if self.aux_weight < 0 or self.ranking_weight < 0 or self.aux_weight == self.ranking_weight == 0:
@@ -173,12 +178,17 @@ def _check_sampler(train_list: ImageList, config: TrainConfig) -> None:
                          f'e.g. {listed}; lower m_per_class or remove those classes')
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _make_optimizer(model: CGDModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer over the trainable parameters: group 0 the backbone at ``lr``, group 1 the head at ``head_lr``."""
+    head = {id(p) for p in model.head.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in trainable if id(p) not in head]},
+              {'params': [p for p in trainable if id(p) in head], 'lr': config.head_lr or config.lr}]
+    groups = [g for g in groups if g['params']]  # an empty group would only confuse the schedulers
     if config.optimizer == 'sgd':
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     cls = torch.optim.AdamW if config.optimizer == 'adamw' else torch.optim.Adam
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
@@ -353,6 +363,8 @@ def train(
         steps, seconds = len(loader), time.time() - start
         row: Dict[str, Any] = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'], 'seconds': round(seconds, 2),
                                'images_per_s': round(seen / seconds, 2)}
+        if config.head_lr is not None:
+            row['head_lr'] = optimizer.param_groups[-1]['lr']
         row.update({f'loss_{k}': float(all_reduce_mean(v, context)) / steps for k, v in totals.items()})
         row['images_per_s'] = round(row['images_per_s'] * context.world_size, 2)
         if scheduler is not None:
@@ -371,7 +383,9 @@ def train(
         elif val_list is None:
             improved = True  # nothing to select with: the latest model is the best we know
         history.append(row)
-        _logger.info('epoch %d: %s', epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        # 4 significant digits, not 4 decimals: a learning rate of 5e-05 must not read as 0.0001
+        _logger.info('epoch %d: %s', epoch + 1, {k: float(f'{v:.4g}') if isinstance(v, float) else v
+                                                 for k, v in row.items()})
         if improved:
             save_pretrained(model, best_dir, extra=dict(ckpt_extra, epoch=epoch + 1, metrics=row))
         state = {'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict() if scheduler else None,

@@ -88,9 +88,30 @@ def test_training_improves_retrieval_on_held_out_classes(tmp_path):
     assert after['map@r'] > before['map@r'] + 0.1, (before, after)
 
 
+@pytest.mark.parametrize('optimizer', ['adam', 'sgd'])
+def test_head_lr_applies_to_the_head_only_and_follows_the_schedule(optimizer):
+    config = TrainConfig(model_name='test_resnet', embed_dim=16, epochs=4, lr=1e-4, head_lr=1e-2, sched='cosine',
+                         optimizer=optimizer)
+    model = train_module.build_model(config, num_classes=5)
+    opt = train_module._make_optimizer(model, config)
+    backbone, head = opt.param_groups
+    # every trainable parameter in exactly one group, the head's (classifier included) in the second
+    assert {id(p) for p in head['params']} == {id(p) for p in model.head.parameters()}
+    assert {id(p) for p in backbone['params']} == {id(p) for p in model.backbone.parameters()}
+    assert len(backbone['params']) + len(head['params']) == len(list(model.parameters()))
+    assert (backbone['lr'], head['lr']) == (1e-4, 1e-2)
+    scheduler = train_module._make_scheduler(opt, config)
+    scheduler.step(2)  # half way through a cosine schedule: both at half their base rate
+    assert backbone['lr'] == pytest.approx(0.5e-4) and head['lr'] == pytest.approx(0.5e-2)
+    # the default: one rate for the whole network
+    same = train_module._make_optimizer(model, TrainConfig(model_name='test_resnet', lr=3e-4))
+    assert [g['lr'] for g in same.param_groups] == [3e-4, 3e-4]
+
+
 @pytest.mark.parametrize('kwargs, match', [
     (dict(batch_size=10, m_per_class=4), 'multiple of m_per_class'),
     (dict(optimizer='lion'), 'optimizer'), (dict(sched='linear'), 'sched'), (dict(lr=0.0), 'lr'),
+    (dict(head_lr=-1e-3), 'head_lr'), (dict(head_lr=float('nan')), 'head_lr'),
     (dict(epochs=0), 'epochs'), (dict(select_metric='recall@2'), 'select_metric'),
 ])
 def test_bad_config(kwargs, match):
