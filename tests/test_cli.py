@@ -14,8 +14,11 @@ TRAIN = ['--model', 'test_resnet', '--embed-dim', '16', '--img-size', '24', '--b
 def test_train_eval_index_search(shapes_folder, tmp_path, capsys):
     run = tmp_path / 'run'
     assert train_main(['--data', str(shapes_folder), '--train-classes', '6', '--val-classes', '2',
-                       '--out', str(run), *TRAIN]) == 0
+                       '--out', str(run), '--head-lr', '5e-3', *TRAIN]) == 0
     out = capsys.readouterr().out
+    assert json.loads((run / 'train_config.json').read_text())['head_lr'] == 5e-3
+    first_epoch = json.loads((run / 'metrics.jsonl').read_text().splitlines()[0])
+    assert (first_epoch['lr'], first_epoch['head_lr']) == (1e-3, 5e-3)
     assert 'best checkpoint' in out and 'recall@1' in out
     test_metrics = json.loads((run / 'test_metrics.json').read_text())
     assert test_metrics['num_queries'] == 2 * 6  # the last 2 of the 8 classes are the test split
