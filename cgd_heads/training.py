@@ -179,12 +179,15 @@ def _check_sampler(train_list: ImageList, config: TrainConfig) -> None:
 
 
 def _make_optimizer(model: CGDModel, config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer over the trainable parameters: group 0 the backbone at ``lr``, group 1 the head at ``head_lr``."""
-    head = {id(p) for p in model.head.parameters()}
+    """The optimizer over the trainable parameters, one group at ``lr``; with ``head_lr``, group 0 is the backbone
+    at ``lr`` and group 1 the head at ``head_lr``."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in trainable if id(p) not in head]},
-              {'params': [p for p in trainable if id(p) in head], 'lr': config.head_lr or config.lr}]
-    groups = [g for g in groups if g['params']]  # an empty group would only confuse the schedulers
+    groups: List[Dict[str, Any]] = [{'params': trainable}]
+    if config.head_lr is not None:  # one group otherwise: optimizer states saved before head_lr existed still load
+        head = {id(p) for p in model.head.parameters()}
+        groups = [{'params': [p for p in trainable if id(p) not in head]},
+                  {'params': [p for p in trainable if id(p) in head], 'lr': config.head_lr}]
+        groups = [g for g in groups if g['params']]  # an empty group would only confuse the schedulers
     if config.optimizer == 'sgd':
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     cls = torch.optim.AdamW if config.optimizer == 'adamw' else torch.optim.Adam
