@@ -370,9 +370,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         reference = None
         for label, overrides in finetune_rows(selected_rows(args), pretrained=weights is not None):
             if 'off_the_shelf' in overrides:
-                # the pretrained backbone as fine-tuning starts from it (stride stripped), pooled without training
-                reference = reference or load_features(args.dataset, 'strip', args.limit_classes, args.device,
-                                                       img_size, names=('test',))[0]['test']
+                if reference is None:  # the pretrained backbone fine-tuning starts from (stride stripped), once
+                    reference = load_features(args.dataset, 'strip', args.limit_classes, args.device, img_size,
+                                              names=('test',))[0]['test']
                 embeddings = off_the_shelf(reference[0], float(overrides['off_the_shelf']))
                 metrics = evaluate_retrieval(embeddings, reference[1], ks=(1, 2, 4, 8))
                 record(label, [{k: metrics[k] for k in METRICS}])
