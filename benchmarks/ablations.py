@@ -400,7 +400,10 @@ def selected_rows(args: argparse.Namespace) -> List[Row]:
 
 
 def results_stem(args: argparse.Namespace) -> str:
-    return f'{args.dataset}_{args.table}' + (f'_{args.tag}' if args.tag else '')
+    """``<dataset>_<table>[_finetune][_<tag>]``: a table both tiers can produce on a data set gets the tier in its
+    name, so the fine-tuning run does not overwrite the fast tier's file."""
+    both_tiers = (args.tier == 'finetune' and args.dataset in TIERS['heads'] and args.table not in FINETUNE_ONLY_TABLES)
+    return f'{args.dataset}_{args.table}' + ('_finetune' if both_tiers else '') + (f'_{args.tag}' if args.tag else '')
 
 
 def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: int, img_size: int, results,

