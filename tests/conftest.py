@@ -25,6 +25,22 @@ def write_shapes_folder(root: Path, num_classes: int = 8, per_class: int = 6, si
     return root
 
 
+@pytest.fixture(scope='session', autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Every test (and the scripts it starts) caches under a temporary folder, never in ``~/.cache/cgd_heads``.
+
+    Cache keys hold the data's absolute paths, so each fresh clone would otherwise leave a new ~170 MB of feature
+    maps in the home cache, run after run.
+    """
+    previous = os.environ.get('CGD_HEADS_CACHE')
+    os.environ['CGD_HEADS_CACHE'] = str(tmp_path_factory.mktemp('cgd_heads_cache'))
+    yield
+    if previous is None:
+        del os.environ['CGD_HEADS_CACHE']
+    else:
+        os.environ['CGD_HEADS_CACHE'] = previous
+
+
 @pytest.fixture
 def shapes_folder(tmp_path: Path) -> Path:
     return write_shapes_folder(tmp_path / 'shapes')
