@@ -92,7 +92,17 @@ def test_paper_ordering_verdicts_follow_the_seed_std():
         '- `both` > `temperature only`: holds (+15.00 R@1 points, larger std 2.00).',
         '- `temperature only` > `label smoothing only`: REVERSED (-5.50 R@1 points, larger std 2.00).',
         '- `label smoothing only` > `neither`: within noise (+0.50 R@1 points, larger std 1.00).',
+        '- `both` > `neither`: holds (+10.00 R@1 points, larger std 1.00).',  # the ends of the paper's chain
     ]
+    # a subset of the rows: only the claims between rows that were run, and a budget the command changed
+    subset = ablations.findings('tricks', 'finetune', [row('neither', 0.19, 0.005), row('both', 0.17, 0.006)],
+                                'omniglot', {'lr': 3e-4})
+    assert [line for line in subset if line.startswith('- ')] == [
+        '- `both` > `neither`: REVERSED (-2.00 R@1 points, larger std 0.60).']
+    assert subset[-1] == 'This run departs from that budget: --lr 0.0003.'
+    assert any(line.startswith('Tried: One budget only (Adam lr 1e-3') for line in subset)
+    unrelated = ablations.findings('tricks', 'finetune', [row('neither', 0.19, 0.005)])
+    assert "- None of the paper's claims compares two of the rows run here." in unrelated
     groups = ablations.findings('descriptors', 'heads', [
         row('off-the-shelf MAC (no training)', 0.08, 0.0), row('S', 0.07, 0.001), row('G', 0.071, 0.001),
         row('SG', 0.09, 0.002), row('SMG', 0.085, 0.001)])
