@@ -390,10 +390,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                 continue
             record(label, [run_finetune_row(overrides, base, splits, seed) for seed in args.seeds])
         start_from = f'ImageNet weights from the pip package `{weights}`' if weights else 'random initialisation'
-        stride_of_rows = 'last stride as the row says (off-the-shelf rows: stripped)'
+        stride_text = 'last stride as the row says (off-the-shelf rows: stripped)' if args.table == 'stride' else \
+            'last stride stripped'
         setup = [
-            f'- Network: {model_name}, {start_from}, '
-            f'{stride_of_rows if args.table == "stride" else "last stride stripped"}, trained end to end'
+            f'- Network: {model_name}, {start_from}, {stride_text}, trained end to end'
             f'{" with BatchNorm statistics frozen" if base.freeze_bn else ""} (the paper\'s protocol at CPU size: '
             f'{img_size} px, train resize {round(img_size * 252 / 224)} + random crop + flip).',
             f'- Training: {base.epochs} epoch(s) of m-per-class batches ({base.batch_size} = '

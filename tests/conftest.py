@@ -32,13 +32,9 @@ def isolated_cache(tmp_path_factory):
     Cache keys hold the data's absolute paths, so each fresh clone would otherwise leave a new ~170 MB of feature
     maps in the home cache, run after run.
     """
-    previous = os.environ.get('CGD_HEADS_CACHE')
-    os.environ['CGD_HEADS_CACHE'] = str(tmp_path_factory.mktemp('cgd_heads_cache'))
-    yield
-    if previous is None:
-        del os.environ['CGD_HEADS_CACHE']
-    else:
-        os.environ['CGD_HEADS_CACHE'] = previous
+    with pytest.MonkeyPatch.context() as mp:  # the session-wide twin of the monkeypatch fixture
+        mp.setenv('CGD_HEADS_CACHE', str(tmp_path_factory.mktemp('cgd_heads_cache')))
+        yield
 
 
 @pytest.fixture
