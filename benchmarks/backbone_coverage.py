@@ -23,7 +23,7 @@ import timm
 import torch
 
 from cgd_heads import create_model
-from cgd_heads.stride import feature_map_size
+from cgd_heads.models.stride import feature_map_size
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'backbone_coverage.md'
 MODES = (None, 'strip', 'dilate')

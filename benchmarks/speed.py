@@ -216,7 +216,7 @@ def _eval_worker(kind: str, n: int, d: int) -> None:
     base_rss = peak_rss_mb()
     start = time.perf_counter()
     if kind == 'ours':
-        from cgd_heads.metrics import evaluate_retrieval
+        from cgd_heads.retrieval.metrics import evaluate_retrieval
         evaluate_retrieval(x, labels, ks=(1, 2, 4, 8))
     else:
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -250,7 +250,7 @@ def evaluation(sizes: List[int], dims: List[int], peak: float, timeout: int) -> 
 
 
 def index_search(n: int, d: int, queries: int) -> List[Dict[str, object]]:
-    from cgd_heads.index import RetrievalIndex
+    from cgd_heads.retrieval.index import RetrievalIndex
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((n // 50, d)).astype(np.float32)
     x = centers[rng.integers(0, len(centers), n)] + rng.standard_normal((n, d)).astype(np.float32)

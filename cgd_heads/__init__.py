@@ -1,43 +1,72 @@
 """cgd_heads: Combination of multiple Global Descriptors (Jun et al. 2019, arXiv 1903.10663) for timm backbones.
 
+The public names below load on first use (PEP 562), so ``from cgd_heads import CGDHead`` loads the layers and
+torch, not faiss, the trainer or ``torch.distributed``.
+
 Example:
     >>> import cgd_heads
     >>> model = cgd_heads.create_model('resnet50', descriptors='SG', embed_dim=1536, num_classes=98)
 """
-from .checkpoint import load_pretrained, save_pretrained
-from .export import export_onnx
-from .extract import extract_embeddings
-from .heads import AuxSoftmaxHead, CGDHead
-from .index import RetrievalIndex
-from .loss import CGDLoss
-from .metrics import evaluate_retrieval
-from .model import CGDModel, create_model
-from .pooling import GeneralizedPooling, generalized_mean
-from .shards import ShardedIndex
-from .stride import feature_map_size, strip_last_stride
-from .training import TrainConfig, train
-from .variants import ConcatFCHead
+import importlib
+from typing import TYPE_CHECKING, Any, List
 
-__version__ = '0.1.0'
+from .version import __version__
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    'AuxSoftmaxHead': 'cgd_heads.layers.heads',
+    'CGDHead': 'cgd_heads.layers.heads',
+    'ConcatFCHead': 'cgd_heads.layers.variants',
+    'GeneralizedPooling': 'cgd_heads.layers.pooling',
+    'generalized_mean': 'cgd_heads.layers.pooling',
+    'CGDModel': 'cgd_heads.models.cgd_model',
+    'create_model': 'cgd_heads.models.cgd_model',
+    'load_pretrained': 'cgd_heads.models.cgd_model',
+    'save_pretrained': 'cgd_heads.models.checkpoint',
+    'export_onnx': 'cgd_heads.models.export',
+    'feature_map_size': 'cgd_heads.models.stride',
+    'strip_last_stride': 'cgd_heads.models.stride',
+    'CGDLoss': 'cgd_heads.losses.cgd_loss',
+    'RetrievalIndex': 'cgd_heads.retrieval.index',
+    'ShardedIndex': 'cgd_heads.retrieval.shards',
+    'evaluate_retrieval': 'cgd_heads.retrieval.metrics',
+    'extract_embeddings': 'cgd_heads.retrieval.extract',
+    'TrainConfig': 'cgd_heads.training.config',
+    'train': 'cgd_heads.training.trainer',
+}
 
 __all__ = [
-    'AuxSoftmaxHead',
-    'CGDHead',
-    'CGDLoss',
-    'CGDModel',
-    'ConcatFCHead',
-    'GeneralizedPooling',
-    'RetrievalIndex',
-    'ShardedIndex',
-    'TrainConfig',
-    'create_model',
-    'evaluate_retrieval',
-    'export_onnx',
-    'extract_embeddings',
-    'feature_map_size',
-    'generalized_mean',
-    'load_pretrained',
-    'save_pretrained',
-    'strip_last_stride',
-    'train',
+    'AuxSoftmaxHead', 'CGDHead', 'CGDLoss', 'CGDModel', 'ConcatFCHead', 'GeneralizedPooling', 'RetrievalIndex',
+    'ShardedIndex', 'TrainConfig', '__version__', 'create_model', 'evaluate_retrieval', 'export_onnx',
+    'extract_embeddings', 'feature_map_size', 'generalized_mean', 'load_pretrained', 'save_pretrained',
+    'strip_last_stride', 'train',
 ]
+
+if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
+    from .layers.heads import AuxSoftmaxHead, CGDHead
+    from .layers.pooling import GeneralizedPooling, generalized_mean
+    from .layers.variants import ConcatFCHead
+    from .losses.cgd_loss import CGDLoss
+    from .models.cgd_model import CGDModel, create_model, load_pretrained
+    from .models.checkpoint import save_pretrained
+    from .models.export import export_onnx
+    from .models.stride import feature_map_size, strip_last_stride
+    from .retrieval.extract import extract_embeddings
+    from .retrieval.index import RetrievalIndex
+    from .retrieval.metrics import evaluate_retrieval
+    from .retrieval.shards import ShardedIndex
+    from .training.config import TrainConfig
+    from .training.trainer import train
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cgd_heads import create_model
-from cgd_heads.stride import feature_map_size
+from cgd_heads.models.stride import feature_map_size
 
 # densenet121, regnetx_002, convnext_atto, mobilenetv2_100, tf_efficientnet_lite0 and resnets: tests/test_stride.py
 # Hierarchical backbones with a spatial map: CNNs, hybrids, PVT-v2 (its attention's strided convs must be left

@@ -31,7 +31,7 @@ def test_train_eval_index_search(shapes_folder, tmp_path, capsys):
     assert index_main(['--embeddings', str(tmp_path / 'emb.safetensors'), '--checkpoint', str(run / 'best'),
                        '--out', str(tmp_path / 'emb_index')]) == 0
     from cgd_heads import RetrievalIndex
-    from cgd_heads.extract import load_embeddings
+    from cgd_heads.retrieval.extract import load_embeddings
     emb_index = RetrievalIndex.load(tmp_path / 'emb_index')
     emb, labels, paths, meta = load_embeddings(tmp_path / 'emb.safetensors')
     assert len(emb_index) == len(paths) == 12 and emb_index.labels == labels.tolist()
@@ -52,7 +52,7 @@ def test_train_eval_index_search(shapes_folder, tmp_path, capsys):
 
 
 def test_resume_flag_continues_a_run(shapes_folder, tmp_path, monkeypatch):
-    import cgd_heads.training as train_module
+    import cgd_heads.training.trainer as train_module
     args = ['--data', str(shapes_folder), '--train-classes', '6', '--val-classes', '0', '--out',
             str(tmp_path / 'run'), '--no-test', *TRAIN]
     real_append = train_module._append_jsonl

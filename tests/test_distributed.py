@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cgd_heads import CGDHead, CGDLoss
-from cgd_heads.distributed import DistributedMPerClassSampler
-from cgd_heads.runtime import seed_everything
+from cgd_heads.training.distributed import DistributedMPerClassSampler
+from cgd_heads.utils.runtime import seed_everything
 
 WORLD = 2
 LABELS = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 4, 5, 0, 1, 2, 3])

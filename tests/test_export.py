@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cgd_heads import CGDHead, create_model
-from cgd_heads.export import export_onnx, verify_onnx
+from cgd_heads.models.export import export_onnx, verify_onnx
 
 needs_ort = pytest.mark.skipif(importlib.util.find_spec('onnxruntime') is None or
                                importlib.util.find_spec('onnxscript') is None,

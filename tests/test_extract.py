@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from cgd_heads import create_model
-from cgd_heads.extract import extract_embeddings
+from cgd_heads.retrieval.extract import extract_embeddings
 
 
 @pytest.fixture(scope='module')

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import cgd_heads.index as index_module
-from cgd_heads.index import METADATA_FILE, RetrievalIndex, SearchHit, to_embedding_array
+import cgd_heads.retrieval.index as index_module
+import cgd_heads.retrieval.index_file as index_file
+from cgd_heads.retrieval.arrays import to_embedding_array
+from cgd_heads.retrieval.index import METADATA_FILE, RetrievalIndex, SearchHit
 
 
 def unit(n: int, dim: int = 32, seed: int = 0, clusters: int = 0) -> torch.Tensor:
@@ -249,7 +251,7 @@ class TestPersistence:
     def test_unreadable_faiss_file_with_matching_checksum(self, tmp_path):
         info, faiss_file = self.saved(tmp_path)
         faiss_file.write_bytes(b'not a faiss index')
-        info['index_sha256'] = index_module._sha256(faiss_file)
+        info['index_sha256'] = index_file.sha256(faiss_file)
         (tmp_path / METADATA_FILE).write_text(json.dumps(info))
         with pytest.raises(ValueError, match='is not a readable faiss index'):
             RetrievalIndex.load(tmp_path)
@@ -295,6 +297,7 @@ class TestPersistence:
 
 def test_missing_faiss_fails_at_import(monkeypatch):
     monkeypatch.setitem(sys.modules, 'faiss', None)  # makes `import faiss` raise ImportError
-    monkeypatch.delitem(sys.modules, 'cgd_heads.index')
+    for name in ('cgd_heads.retrieval.faiss_import', 'cgd_heads.retrieval.index_types', 'cgd_heads.retrieval.index'):
+        monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ImportError, match='pip install faiss-cpu'):
-        importlib.import_module('cgd_heads.index')
+        importlib.import_module('cgd_heads.retrieval.index')

@@ -10,7 +10,7 @@ import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import FaissKNN
 
-from cgd_heads.metrics import SOP_KS, evaluate_retrieval
+from cgd_heads.retrieval.metrics import SOP_KS, evaluate_retrieval
 
 
 def clustered(sizes: Sequence[int], dim: int = 16, noise: float = 0.8, seed: int = 0):
@@ -201,7 +201,7 @@ class TestEquivalences:
             assert evaluate_retrieval(x, y, ks=(1, 4, 16), chunk_size=chunk) == full
 
     def test_result_cap_shrinks_the_chunk_without_changing_results(self, monkeypatch):
-        from cgd_heads import metrics
+        from cgd_heads.retrieval import metrics
         x, y = clustered(SIZES, seed=6)
         full = evaluate_retrieval(x, y, ks=(1, 4, 16))
         calls = []
@@ -266,6 +266,7 @@ class TestValidation:
 
 def test_missing_faiss_fails_at_import(monkeypatch):
     monkeypatch.setitem(sys.modules, 'faiss', None)  # makes `import faiss` raise ImportError
-    monkeypatch.delitem(sys.modules, 'cgd_heads.metrics')
+    for name in ('cgd_heads.retrieval.faiss_import', 'cgd_heads.retrieval.metrics'):
+        monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ImportError, match='pip install faiss-cpu'):
-        importlib.import_module('cgd_heads.metrics')
+        importlib.import_module('cgd_heads.retrieval.metrics')

@@ -113,3 +113,42 @@ def test_config_rebuilds_the_same_model():
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         create_model(**kwargs)
+
+
+def test_timm_model_interface_heads_and_classifier():
+    torch.manual_seed(0)
+    model = create_model('test_resnet', embed_dim=16, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    features = model.forward_features(x)
+    embedding, logits = model.forward_train(x)
+    torch.testing.assert_close(model.forward_head(features, pre_logits=True), model(x))
+    torch.testing.assert_close(model.forward_head(features), logits)  # timm's default: the classifier's logits
+    assert model.get_classifier() is model.head.aux_head and logits.shape == (2, 5)
+    model.reset_classifier(3)
+    assert model.forward_head(features).shape == (2, 3) and model.config['num_classes'] == 3
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), torch.nn.Identity)
+    torch.testing.assert_close(model.forward_head(features), embedding)  # no classifier: the embedding
+    with pytest.raises(ValueError, match='global_pool'):
+        model.reset_classifier(3, global_pool='avg')
+
+
+def test_timm_optimizer_factory_with_layer_decay():
+    """timm's create_optimizer_v2(model, layer_decay=...) on a CGD model: the backbone's own layer groups, scaled
+    as timm scales the bare backbone, times one more decay step for the head on top; learnable p undecayed."""
+    from timm.optim import create_optimizer_v2
+    from timm.optim._param_groups import param_groups_layer_decay
+
+    model = create_model('test_resnet', embed_dim=16, num_classes=5, learnable_p=True)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    scale = {id(p): g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
+    decay = {id(p): g['weight_decay'] for g in optimizer.param_groups for p in g['params']}
+    assert sorted(scale) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    assert {scale[id(p)] for p in model.head.parameters()} == {1.0}
+    bare = param_groups_layer_decay(model.backbone, weight_decay=0.05, layer_decay=0.75)
+    reference = {id(p): g['lr_scale'] for g in bare for p in g['params']}
+    for name, p in model.backbone.named_parameters():
+        assert scale[id(p)] == pytest.approx(0.75 * reference[id(p)]), name
+    assert len({scale[id(p)] for p in model.backbone.parameters()}) > 2  # really layer-wise
+    p_name = next(n for n, _ in model.named_parameters() if n.endswith('.p'))
+    assert p_name in model.no_weight_decay() and decay[id(model.get_parameter(p_name))] == 0.0

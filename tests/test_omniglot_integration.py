@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from cgd_heads.data import load_splits
-from cgd_heads.runtime import seed_everything
-from cgd_heads.training import TrainConfig, build_model, data_config_of, train, validate
+from cgd_heads.utils.runtime import seed_everything
+from cgd_heads.data import data_config_of
+from cgd_heads.training import TrainConfig, build_model, train, validate
 from conftest import SHARED_DATA
 
 OMNIGLOT = SHARED_DATA / 'omniglot'

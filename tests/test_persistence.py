@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-import cgd_heads.checkpoint as checkpoint_module
+import cgd_heads.models.checkpoint as checkpoint_module
 from cgd_heads import CGDModel, create_model
-from cgd_heads.atomic import atomic_dir, resolve_dir
-from cgd_heads.checkpoint import load_config, load_pretrained, load_training_state, save_pretrained
+from cgd_heads.utils.atomic import atomic_dir, resolve_dir
+from cgd_heads.models import load_config, load_pretrained, load_training_state, save_pretrained
 
 
 @pytest.fixture

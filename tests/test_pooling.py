@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cgd_heads import GeneralizedPooling, generalized_mean
-from cgd_heads import pooling
-from cgd_heads.pooling import P_LEARNABLE_RANGE
+from cgd_heads.layers import pooling
+from cgd_heads.layers.pooling import P_LEARNABLE_RANGE
 
 
 def naive_gem(x: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor:

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from cgd_heads.index import RetrievalIndex
-from cgd_heads.shards import ShardedIndex, index_to_gpu
+from cgd_heads.retrieval.index import RetrievalIndex
+from cgd_heads.retrieval.shards import ShardedIndex, index_to_gpu
 
 
 def unit(n, d, seed):

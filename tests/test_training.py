@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cgd_heads.training as train_module
-from cgd_heads.checkpoint import load_config, load_pretrained, load_training_state
+import cgd_heads.training.trainer as train_module
+from cgd_heads.training.optim import make_optimizer, make_scheduler
+from cgd_heads.models import load_config, load_pretrained, load_training_state
 from cgd_heads.data import load_splits
 from cgd_heads.training import TrainConfig, train
 
@@ -77,8 +78,9 @@ def test_training_improves_retrieval_on_held_out_classes(tmp_path):
     splits = load_splits('folder', write_shapes_folder(tmp_path / 'shapes', num_classes=12, per_class=8),
                          train_classes=8)
     config = TrainConfig(**dict(TINY, epochs=6, val_classes=0, lr=3e-3))
-    from cgd_heads.training import build_model, validate, data_config_of
-    from cgd_heads.runtime import seed_everything
+    from cgd_heads.data import data_config_of
+    from cgd_heads.training import build_model, validate
+    from cgd_heads.utils.runtime import seed_everything
     seed_everything(config.seed)
     untrained = build_model(config, 8)
     data_config = data_config_of(untrained, config.img_size)
@@ -93,18 +95,18 @@ def test_head_lr_applies_to_the_head_only_and_follows_the_schedule(optimizer):
     config = TrainConfig(model_name='test_resnet', embed_dim=16, epochs=4, lr=1e-4, head_lr=1e-2, sched='cosine',
                          optimizer=optimizer)
     model = train_module.build_model(config, num_classes=5)
-    opt = train_module._make_optimizer(model, config)
+    opt = make_optimizer(model, config)
     backbone, head = opt.param_groups
     # every trainable parameter in exactly one group, the head's (classifier included) in the second
     assert {id(p) for p in head['params']} == {id(p) for p in model.head.parameters()}
     assert {id(p) for p in backbone['params']} == {id(p) for p in model.backbone.parameters()}
     assert len(backbone['params']) + len(head['params']) == len(list(model.parameters()))
     assert (backbone['lr'], head['lr']) == (1e-4, 1e-2)
-    scheduler = train_module._make_scheduler(opt, config)
+    scheduler = make_scheduler(opt, config)
     scheduler.step(2)  # half way through a cosine schedule: both at half their base rate
     assert backbone['lr'] == pytest.approx(0.5e-4) and head['lr'] == pytest.approx(0.5e-2)
     # the default: one group at one rate, the layout of optimizer states saved before head_lr existed
-    same = train_module._make_optimizer(model, TrainConfig(model_name='test_resnet', lr=3e-4))
+    same = make_optimizer(model, TrainConfig(model_name='test_resnet', lr=3e-4))
     assert [(len(g['params']), g['lr']) for g in same.param_groups] == [(len(list(model.parameters())), 3e-4)]
 
 

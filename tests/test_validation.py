@@ -9,9 +9,9 @@ import torch
 from cgd_heads import CGDHead, CGDLoss, GeneralizedPooling, create_model, strip_last_stride
 from cgd_heads.cli import eval_main, search_main, train_main
 from cgd_heads.data import create_cgd_transform, load_splits
-from cgd_heads.index import RetrievalIndex
-from cgd_heads.metrics import evaluate_retrieval
-from cgd_heads.runtime import amp_dtype, resolve_device
+from cgd_heads.retrieval.index import RetrievalIndex
+from cgd_heads.retrieval.metrics import evaluate_retrieval
+from cgd_heads.utils.runtime import amp_dtype, resolve_device
 from cgd_heads.training import TrainConfig
 
 UNIT = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
@@ -24,7 +24,7 @@ CASES = [
     (lambda: CGDHead(8, 'SG', embed_dim=1537), ValueError, 'multiple of 2 such as 1536 or 1538'),
     (lambda: CGDHead(8, 'SG', temperature=-1.0), ValueError, 'temperature'),
     (lambda: CGDHead(8, 'SG', label_smoothing=-0.1), ValueError, 'label_smoothing'),
-    (lambda: CGDHead(8, 'SG', num_classes=2.5), ValueError, 'num_classes'),
+    (lambda: CGDHead(8, 'SG', num_classes=2.5), TypeError, 'num_classes must be an int >= 0, got float 2.5'),
     (lambda: CGDHead(8, 'SG', combine='max'), ValueError, 'combine'),
     (lambda: CGDHead(8, 'SG', input_fmt='NDHWC'), ValueError, 'input_fmt'),
     (lambda: CGDLoss(margin=float('nan')), ValueError, 'margin'),

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from cgd_heads.data import ImageList
-from cgd_heads.feature_cache import cached_feature_maps, feature_cache_key
-from cgd_heads.head_training import HeadTrainConfig, embed_features, train_head
-from cgd_heads.metrics import evaluate_retrieval
-from cgd_heads.variants import ConcatFCHead
+from cgd_heads.training.feature_cache import cached_feature_maps, feature_cache_key
+from cgd_heads.training.head_training import HeadTrainConfig, embed_features, train_head
+from cgd_heads.retrieval.metrics import evaluate_retrieval
+from cgd_heads.layers.variants import ConcatFCHead
 
 
 def test_concat_fc_head_matches_formula():

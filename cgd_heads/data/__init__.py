@@ -19,7 +19,7 @@ from .inshop import read_inshop
 from .omniglot import read_omniglot
 from .registry import DATASET_READERS, detect_dataset, load_splits
 from .sop import read_sop
-from .transforms import create_cgd_transform
+from .transforms import create_cgd_transform, data_config_of
 from .zip_cache import cache_root
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     'ImageList',
     'cache_root',
     'create_cgd_transform',
+    'data_config_of',
     'detect_dataset',
     'load_rgb_image',
     'load_splits',

@@ -1,13 +1,13 @@
 """Shared checks and parsing for the readers' annotation files, with errors that name the file and line."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Callable, List, Tuple, TypeVar, Union
+from typing import Callable, List, Tuple, TypeVar
 
-__all__ = ['PathLike', 'require_dir', 'require_file', 'read_rows', 'parse_field']
+from ..utils.checks import PathLike
 
-PathLike = Union[str, os.PathLike]
+__all__ = ['require_dir', 'require_file', 'read_rows', 'parse_field']
+
 T = TypeVar('T')
 
 

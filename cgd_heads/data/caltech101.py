@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 from typing import Dict, Union
 
-from .annotation_files import PathLike, require_dir
+from ..utils.checks import PathLike
+from .annotation_files import require_dir
 from .image_folder import read_image_folder
 from .image_list import ImageList
 

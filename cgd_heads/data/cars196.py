@@ -22,7 +22,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .annotation_files import PathLike, require_dir, require_file
+from ..utils.checks import PathLike
+from .annotation_files import require_dir, require_file
 from .class_id_split import split_by_class_id
 from .image_list import Box, ImageList
 from .mat_file import load_mat, string_list, struct_rows

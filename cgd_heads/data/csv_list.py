@@ -11,7 +11,8 @@ import csv
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .annotation_files import PathLike, require_file
+from ..utils.checks import PathLike
+from .annotation_files import require_file
 from .image_list import ImageList
 
 __all__ = ['read_csv', 'CSV_REQUIRED_COLUMNS', 'SHARED_LABEL_SPLITS']

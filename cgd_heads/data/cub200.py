@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
-from .annotation_files import PathLike, parse_field, read_rows, require_dir, require_file
+from ..utils.checks import PathLike
+from .annotation_files import parse_field, read_rows, require_dir, require_file
 from .class_id_split import split_by_class_id
 from .image_list import Box, ImageList
 

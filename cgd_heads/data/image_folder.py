@@ -14,7 +14,8 @@ from typing import Dict, Iterable, List, Optional, Union
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .annotation_files import PathLike, require_dir
+from ..utils.checks import PathLike
+from .annotation_files import require_dir
 from .image_list import ImageList, resolve_class_count
 
 __all__ = ['read_image_folder', 'list_class_folders', 'is_image_file']

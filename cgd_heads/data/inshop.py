@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-from .annotation_files import PathLike, parse_field, read_rows, require_dir
+from ..utils.checks import PathLike
+from .annotation_files import parse_field, read_rows, require_dir
 from .image_list import ImageList
 
 __all__ = ['read_inshop', 'find_inshop_partition', 'INSHOP_STATUSES']

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .annotation_files import PathLike, require_dir
+from ..utils.checks import PathLike
+from .annotation_files import require_dir
 from .image_folder import is_image_file, list_class_folders
 from .image_list import ImageList
 from .zip_cache import extract_zip_cached

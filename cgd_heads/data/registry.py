@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Dict
 
-from .annotation_files import PathLike
+from ..utils.checks import PathLike
 from .caltech101 import read_caltech101
 from .cars196 import is_cars196_dir, read_cars196
 from .csv_list import read_csv

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from .annotation_files import PathLike, parse_field, read_rows, require_dir, require_file
+from ..utils.checks import PathLike
+from .annotation_files import parse_field, read_rows, require_dir, require_file
 from .image_list import ImageList
 
 __all__ = ['read_sop', 'SOP_HEADER']

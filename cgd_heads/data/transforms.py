@@ -7,12 +7,16 @@ in view, which matters for retrieval where a center crop could cut off the part 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
+import timm.data
+import torch.nn as nn
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
 
-__all__ = ['create_cgd_transform', 'CGD_RESIZE_RATIO']
+from ..utils.checks import check_int
+
+__all__ = ['create_cgd_transform', 'data_config_of', 'CGD_RESIZE_RATIO']
 
 #: Train-time resize over crop size in the paper (252 / 224).
 CGD_RESIZE_RATIO = 252 / 224
@@ -33,12 +37,6 @@ def _stats(data_config: Mapping[str, Any], key: str) -> Sequence[float]:
         raise ValueError(f'data_config[{key!r}] must have 1 or 3 values (per RGB channel), got {value!r}')
     if key == 'std' and any(v <= 0 for v in value):
         raise ValueError(f"data_config['std'] must be > 0, got {value!r}")
-    return value
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive int, got {value!r}')
     return value
 
 
@@ -73,7 +71,7 @@ def create_cgd_transform(
     if not isinstance(data_config, Mapping):
         raise TypeError(f'data_config must be a dict like timm.data.resolve_model_data_config(model) returns, '
                         f'got {type(data_config).__name__}')
-    img_size = _positive_int(img_size, 'img_size')
+    img_size = check_int(img_size, 'img_size')
     mean, std = _stats(data_config, 'mean'), _stats(data_config, 'std')
     interp_name = data_config.get('interpolation') or 'bilinear'
     if interp_name == 'random':
@@ -89,7 +87,7 @@ def create_cgd_transform(
         return T.Compose([T.Resize((img_size, img_size), interpolation=interpolation), *normalize])
     if resize_size is None:
         resize_size = round(img_size * CGD_RESIZE_RATIO)
-    resize_size = _positive_int(resize_size, 'resize_size')
+    resize_size = check_int(resize_size, 'resize_size')
     if resize_size < img_size:
         raise ValueError(f'resize_size must be >= img_size ({img_size}) for the random crop, got {resize_size}')
     return T.Compose([
@@ -98,3 +96,11 @@ def create_cgd_transform(
         T.RandomHorizontalFlip(),
         *normalize,
     ])
+
+
+def data_config_of(model: nn.Module, img_size: int, resize_size: Optional[int] = None) -> Dict[str, Any]:
+    """Preprocessing of a model (timm's mean/std/interpolation) plus the CGD sizes, as stored in checkpoints and read
+    by :func:`create_cgd_transform`."""
+    cfg = timm.data.resolve_model_data_config(model)
+    return {'mean': list(cfg['mean']), 'std': list(cfg['std']), 'interpolation': cfg.get('interpolation', 'bilinear'),
+            'img_size': img_size, 'resize_size': resize_size}

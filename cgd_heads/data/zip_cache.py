@@ -16,7 +16,8 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from .annotation_files import PathLike, require_file
+from ..utils.checks import PathLike
+from .annotation_files import require_file
 
 __all__ = ['cache_root', 'extract_zip_cached', 'CACHE_ENV_VAR']
 

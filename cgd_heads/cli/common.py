@@ -1,0 +1,161 @@
+"""What every command shares: the error policy, the data and runtime options, loading a checkpoint once, and
+evaluating a model on a split (test, or query vs gallery where the data set has them)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..data import BadImageError, ImageDataset, ImageList, create_cgd_transform, load_splits
+from ..models.cgd_model import CGDModel, load_pretrained
+from ..retrieval.extract import extract_embeddings, save_embeddings
+from ..retrieval.metrics import DEFAULT_KS, evaluate_retrieval
+from ..training.config import TrainConfig
+from ..utils.runtime import amp_dtype, resolve_device
+from ..utils.settings import add_options, count_or_fraction
+
+__all__ = ['run_cli', 'parse_ks', 'parse_floats', 'add_data_args', 'load_data_splits', 'add_runtime_args',
+           'check_out_dir', 'load_checkpoint', 'eval_transform', 'evaluate_split', 'runtime_kwargs', 'print_metrics']
+
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, BadImageError,
+                FloatingPointError, KeyError, ImportError)
+#: The TrainConfig fields every command takes as runtime options (same names, help and defaults as cgd-train's).
+RUNTIME_FIELDS = ('device', 'amp', 'batch_size', 'num_workers')
+
+
+def run_cli(prog: str, fn: Callable[[], Any]) -> int:
+    """Run ``fn``; user errors become one line on stderr and exit status 2, Ctrl-C exit status 130.
+
+    Set ``CGD_HEADS_DEBUG=1`` to see the traceback instead.
+    """
+    try:
+        fn()
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted', file=sys.stderr)
+        return 130
+    except _USER_ERRORS as e:
+        if os.environ.get('CGD_HEADS_DEBUG'):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f'{prog}: error: {message}', file=sys.stderr)
+        return 2
+    return 0
+
+
+def parse_ks(text: str) -> Tuple[int, ...]:
+    """``'1,2,4,8'`` -> (1, 2, 4, 8), positive integers."""
+    try:
+        ks = tuple(int(k) for k in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers such as 1,2,4,8, got {text!r}') from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f'K values must be positive, got {text!r}')
+    return ks
+
+
+def parse_floats(text: str) -> Tuple[float, ...]:
+    """``'1,0.75'`` -> (1.0, 0.75)."""
+    try:
+        return tuple(float(s) for s in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated numbers such as 1,0.75, got {text!r}') from None
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument('--data', required=required, help='data set root folder (or CSV file for --dataset csv)')
+    p.add_argument('--dataset', default='auto',
+                   help='reader: auto, folder, csv, cub200, cars196, sop, inshop, omniglot, caltech101')
+    p.add_argument('--train-classes', type=count_or_fraction, default=None,
+                   help='image folders: the first N classes (sorted case-insensitively), or a fraction, train; '
+                        'the rest are the test split')
+    p.add_argument('--crop', action='store_true', help='CUB200/CARS196: crop images to their bounding boxes')
+    p.add_argument('--skip-bad-images', action='store_true', help='skip (and log) unreadable images')
+
+
+def load_data_splits(args: argparse.Namespace) -> Dict[str, ImageList]:
+    """The splits the data options of :func:`add_data_args` describe."""
+    data = Path(args.data)
+    if not data.exists():
+        raise FileNotFoundError(f'--data {data} does not exist')
+    kwargs: Dict[str, Any] = {}
+    if args.train_classes is not None:
+        kwargs['train_classes'] = args.train_classes
+    if args.crop:
+        kwargs['crop'] = True
+    return load_splits(args.dataset, data, **kwargs)
+
+
+def add_runtime_args(p: argparse.ArgumentParser, fields: Sequence[str] = RUNTIME_FIELDS) -> None:
+    add_options(p, TrainConfig, only=fields)
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+
+
+def check_out_dir(out: Path) -> None:
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path('.'))
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise PermissionError(f'--out {out}: {probe} is not a writable folder')
+
+
+def load_checkpoint(directory: str, img_size: Optional[int] = None) -> Tuple[CGDModel, Dict[str, Any]]:
+    """The model of a checkpoint folder and its data config (``img_size`` overrides the trained size)."""
+    model, config = load_pretrained(directory, return_config=True)
+    data_config = dict(config.get('data') or {})
+    if img_size:
+        data_config['img_size'] = img_size
+    if 'img_size' not in data_config:
+        raise ValueError(f'{directory} records no image size (no "data" in config.json); pass --img-size')
+    return model, data_config
+
+
+def eval_transform(data_config: Dict[str, Any]) -> Callable:
+    """The evaluation transform of a checkpoint's data config."""
+    return create_cgd_transform(data_config, False, data_config['img_size'])
+
+
+def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_config: Dict[str, Any],
+                   split: str = 'test', ks: Sequence[int] = DEFAULT_KS, flip: bool = False,
+                   scales: Sequence[float] = (1.0,), save_to: Optional[str] = None, device: str = 'auto',
+                   amp: str = 'auto', batch_size: int = 128, num_workers: int = 0, progress: bool = False,
+                   skip_bad_images: bool = False) -> Dict[str, float]:
+    """Recall@K and MAP@R of ``model`` on ``splits[split]``, query-vs-rest; query vs gallery for a data set with
+    those splits instead of a test split (In-shop). ``save_to`` also writes the split's embeddings."""
+    device = resolve_device(device)
+    transform = eval_transform(data_config)
+
+    def embed(image_list: ImageList) -> Tuple[torch.Tensor, torch.Tensor]:
+        return extract_embeddings(model, ImageDataset(image_list, transform, skip_bad_images=skip_bad_images),
+                                  batch_size=batch_size, device=device, flip=flip, scales=scales,
+                                  num_workers=num_workers, amp_dtype=amp_dtype(amp, device), progress=progress)
+
+    if split == 'test' and 'test' not in splits and {'query', 'gallery'} <= set(splits):
+        split = 'query'  # In-shop: queries against the gallery
+    if split not in splits:
+        raise ValueError(f'the data set has no {split!r} split (it has {sorted(splits)}); for an image folder '
+                         f'pass --train-classes so the remaining classes form the test split')
+    if len(splits[split]) == 0 or splits[split].num_classes == 0:
+        raise ValueError(f'the {split!r} split is empty: no evaluation classes')
+    if split == 'query':
+        (q, ql), (g, gl) = embed(splits['query']), embed(splits['gallery'])
+        return evaluate_retrieval(q, ql, ks=ks, gallery_embeddings=g, gallery_labels=gl)
+    emb, labels = embed(splits[split])
+    if save_to:
+        save_embeddings(save_to, emb, labels, splits[split].paths,
+                        {'model': getattr(model, 'config', {}), 'class_names': splits[split].class_names})
+    return evaluate_retrieval(emb, labels, ks=ks)
+
+
+def runtime_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The runtime options of :func:`add_runtime_args` as :func:`evaluate_split` keywords."""
+    return dict(device=args.device, amp=args.amp, batch_size=args.batch_size, num_workers=args.num_workers,
+                progress=not args.quiet, skip_bad_images=getattr(args, 'skip_bad_images', False))
+
+
+def print_metrics(title: str, metrics: Dict[str, float]) -> None:
+    keys = [k for k in metrics if k.startswith('recall@')] + ['precision@1', 'map@r']
+    print(title)
+    print('| ' + ' | '.join(keys) + ' |\n|' + '---|' * len(keys))
+    print('| ' + ' | '.join(f'{100 * metrics[k]:.2f}' for k in keys) + ' |')

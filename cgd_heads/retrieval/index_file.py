@@ -1,0 +1,78 @@
+"""The on-disk layout of a saved index: ``index.json`` (the commit point) beside the faiss file it names, and the
+checks that every part agrees before anything is loaded."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+from .index_types import INDEX_TYPES
+
+__all__ = ['FORMAT_VERSION', 'METADATA_FILE', 'METRIC', 'sha256', 'is_plain_file_name', 'check_info',
+           'compare_metadata']
+
+#: Version of the ``index.json`` layout; :meth:`RetrievalIndex.load` refuses any other.
+FORMAT_VERSION = 1
+#: Name of the JSON file describing a saved index.
+METADATA_FILE = 'index.json'
+#: The only metric: inner product of unit vectors (cosine similarity).
+METRIC = 'inner_product'
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_plain_file_name(name: str) -> bool:
+    # index.json must only point inside its own folder
+    return name not in ('', '.', '..') and os.path.basename(name) == name and '/' not in name and '\\' not in name
+
+
+def check_info(info: Any, json_path: Path) -> Dict[str, Any]:
+    """Validate the structure of a parsed ``index.json``; errors name the file and the field."""
+    if not isinstance(info, dict):
+        raise ValueError(f'{json_path} must hold a JSON object, got {type(info).__name__}')
+    version = info.get('format_version')
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f'{json_path} has format_version {version!r}; this version of cgd_heads reads {FORMAT_VERSION}'
+        )
+    expected_types = {
+        'index_file': str, 'index_sha256': str, 'dim': int, 'count': int, 'index_type': str, 'metric': str,
+        'params': dict, 'labels': list, 'paths': list, 'metadata': dict,
+    }
+    for key, kind in expected_types.items():
+        if key not in info:
+            raise ValueError(f'{json_path} is missing the field {key!r}')
+        if not isinstance(info[key], kind) or isinstance(info[key], bool):
+            raise ValueError(f'{json_path} field {key!r} must be a {kind.__name__}, got {info[key]!r:.80}')
+    if not is_plain_file_name(info['index_file']):
+        raise ValueError(
+            f'{json_path} field index_file must be a file name in the same folder, got {info["index_file"]!r}'
+        )
+    if info['metric'] != METRIC:
+        raise ValueError(f'{json_path} field metric must be {METRIC!r}, got {info["metric"]!r}')
+    if info['index_type'] not in INDEX_TYPES:
+        raise ValueError(f'{json_path} field index_type must be one of {INDEX_TYPES}, got {info["index_type"]!r}')
+    for key in ('labels', 'paths'):
+        if len(info[key]) != info['count']:
+            raise ValueError(f'{json_path} has {len(info[key])} {key} but count={info["count"]}')
+    return info
+
+
+def compare_metadata(stored: Dict[str, Any], expected: Dict[str, Any], json_path: Path) -> None:
+    diffs = []
+    for key, value in expected.items():
+        if key not in stored:
+            diffs.append(f'{key!r} (missing in the index, expected {value!r})')
+        elif stored[key] != value:
+            diffs.append(f'{key!r} (index has {stored[key]!r}, expected {value!r})')
+    if diffs:
+        raise ValueError(
+            f'index in {json_path.parent} was built with different metadata; differing fields: ' + ', '.join(diffs)
+        )

@@ -1,0 +1,111 @@
+"""Train only the head on cached (frozen) backbone feature maps: the fast tier of the ablation benchmarks.
+
+Same batches (m per class), loss (:class:`~cgd_heads.CGDLoss`) and heads as end-to-end training, minus the
+backbone's gradient: what the auxiliary classifier does for the backbone is therefore not measured here, only what
+the head configuration does with fixed features. Architectures (CGD paper, Figure 3):
+
+* ``'cgd'``: :class:`~cgd_heads.CGDHead`, ranking loss on the combined descriptor.
+* ``'concat_fc'`` (B): :class:`~cgd_heads.layers.variants.ConcatFCHead`, pooled vectors concatenated, one FC.
+* ``'separate'`` (A): CGDHead's branches with one ranking loss per branch descriptor, summed; the retrieval
+  embedding is still their normalised concatenation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pytorch_metric_learning.samplers import MPerClassSampler
+
+from ..layers.heads import CGDHead
+from ..layers.variants import ConcatFCHead
+from ..losses.cgd_loss import CGDLoss
+from ..models.cgd_model import HEAD_KWARGS
+from ..utils.runtime import seed_everything
+from ..utils.settings import setting, with_default
+from .config import HeadSettings
+
+__all__ = ['HeadTrainConfig', 'build_head', 'train_head', 'embed_features', 'ARCHITECTURES']
+
+ARCHITECTURES = ('cgd', 'concat_fc', 'separate')
+
+
+@dataclass
+class HeadTrainConfig(HeadSettings):
+    """Head and optimisation settings of one fast-tier run (the shared fields as in :class:`HeadSettings`)."""
+    embed_dim: int = with_default(HeadSettings, 'embed_dim', 512)
+    lr: float = with_default(HeadSettings, 'lr', 1e-3)
+    architecture: str = setting('cgd', "'cgd', 'concat_fc' (B) or 'separate' (A), see the module docstring",
+                                choices=ARCHITECTURES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f'architecture must be one of {ARCHITECTURES}, got {self.architecture!r}')
+
+
+def build_head(config: HeadTrainConfig, in_features: int, num_classes: int, input_fmt: str = 'NCHW') -> nn.Module:
+    """The head a config describes; the classifier exists only when ``aux_weight > 0``."""
+    classes = num_classes if config.aux_weight > 0 else 0
+    if config.architecture == 'concat_fc':
+        return ConcatFCHead(in_features, config.descriptors, config.embed_dim, gem_p=config.gem_p,
+                            num_classes=classes, temperature=config.temperature,
+                            label_smoothing=config.label_smoothing, input_fmt=input_fmt)
+    return CGDHead(in_features, config.descriptors, config.embed_dim, num_classes=classes, input_fmt=input_fmt,
+                   **{name: getattr(config, name) for name in HEAD_KWARGS})
+
+
+def train_head(
+        config: HeadTrainConfig,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        input_fmt: str = 'NCHW',
+) -> nn.Module:
+    """Train a head on ``features`` (N, ...) with class ids ``labels`` (N,) in [0, C); returns it in eval mode."""
+    seed_everything(config.seed)
+    num_classes = int(labels.max()) + 1
+    if num_classes * config.m_per_class < config.batch_size or config.batch_size % config.m_per_class:
+        raise ValueError(f'batch_size={config.batch_size} must be a multiple of m_per_class={config.m_per_class} and '
+                         f'at most num_classes * m_per_class = {num_classes * config.m_per_class}')
+    channels = features.shape[1] if input_fmt == 'NCHW' else features.shape[-1]
+    head = build_head(config, channels, num_classes, input_fmt)
+    aux = getattr(head, 'aux_head', None)
+    criterion = CGDLoss(margin=config.margin, aux_weight=config.aux_weight, ranking_weight=config.ranking_weight,
+                        aux_loss=aux.loss if aux is not None else None)
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    steps = max(1, len(labels) // config.batch_size)
+    # Fixed-p pooling of frozen features is the same every epoch: pool once, train the projections on the vectors
+    # (exactly what pooling every batch would compute, ~100x cheaper than re-pooling the maps).
+    with torch.no_grad():
+        pooled = [torch.cat(parts) for parts in zip(*(head.pool(chunk.float()) for chunk in features.split(512)))]
+    head.train()
+    for epoch in range(config.epochs):
+        seed_everything(config.seed * 100003 + epoch)
+        sampler = MPerClassSampler(labels.numpy(), m=config.m_per_class, batch_size=config.batch_size,
+                                   length_before_new_iter=steps * config.batch_size)
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+        for batch in torch.from_numpy(order).split(config.batch_size):
+            x, y = [p[batch] for p in pooled], labels[batch]
+            if config.architecture == 'separate':
+                logits = head.aux_head(x[0]) if head.aux_head is not None else None
+                loss = sum(criterion(b, y, logits if i == 0 else None) for i, b in enumerate(head.project(x)))
+            else:
+                embeddings, logits = head.forward_pooled(x)
+                loss = criterion(embeddings, y, logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def embed_features(head: nn.Module, features: torch.Tensor, batch_size: int = 512,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """Embeddings ``head(features)`` in batches, float32 on the CPU."""
+    head.eval()
+    out = [head(chunk.to(device or 'cpu').float()).cpu() for chunk in features.split(batch_size)]
+    return torch.cat(out)

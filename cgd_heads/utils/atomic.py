@@ -1,0 +1,95 @@
+"""Atomic file writes: a crash in the middle of a save never leaves a half-written file behind.
+
+The writer produces a temporary file in the destination folder (same file system, so the final
+``os.replace`` is atomic on POSIX and Windows), flushes it to disk, then renames it over the target.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .checks import PathLike
+
+__all__ = ['atomic_path', 'atomic_write_json', 'atomic_dir', 'resolve_dir']
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write to; on success it replaces ``path`` atomically.
+
+    Args:
+        path: Final destination. Its parent folder must exist and be writable.
+
+    Example:
+        >>> with atomic_path('model.safetensors') as tmp:  # doctest: +SKIP
+        ...     safetensors.torch.save_file(tensors, str(tmp))
+
+    If the body raises, the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        # fsync so the rename never exposes a file whose data is still only in the page cache
+        with open(tmp_path, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n', encoding='utf-8')
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(f'.{path.name}.previous')
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it replaces the folder ``path`` as a whole.
+
+    POSIX cannot rename a folder over a non-empty one, so the swap is two renames: ``path`` -> ``.name.previous``,
+    then temporary -> ``path``. A crash between them leaves ``.name.previous`` complete, and :func:`resolve_dir`
+    returns it; a crash before them leaves ``path`` untouched. Readers should open folders through
+    :func:`resolve_dir`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, 'rb+') as fh:
+                os.fsync(fh.fileno())
+        previous = _previous(path)
+        if path.exists():
+            if previous.exists():  # leftover of a finished swap
+                shutil.rmtree(previous)
+            os.replace(path, previous)
+        os.replace(tmp, path)
+        # path is now complete and newer than any previous copy (also one left by an interrupted swap)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_dir(path: PathLike) -> Path:
+    """The folder written by :func:`atomic_dir` at ``path``, or its previous copy if a swap was interrupted."""
+    path = Path(path)
+    if not path.exists() and _previous(path).is_dir():
+        return _previous(path)
+    return path

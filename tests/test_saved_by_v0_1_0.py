@@ -1,0 +1,54 @@
+"""What users wrote with cgd_heads 0.1.0 before the package was split into sub-packages still loads: a checkpoint
+folder, an interrupted training run (``resume``) and a saved index (tests/fixtures/v0_1_0, made by its
+make_fixtures.py at commit 18d34ba)."""
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from cgd_heads import CGDModel, RetrievalIndex, TrainConfig, train
+from cgd_heads.data import read_image_folder
+from conftest import write_shapes_folder
+
+FIXTURES = Path(__file__).resolve().parent / 'fixtures' / 'v0_1_0'
+#: The settings the fixture run was started with (train_config.json holds them).
+RUN_CONFIG = dict(model_name='test_efficientnet', embed_dim=32, img_size=24, batch_size=8, m_per_class=2, epochs=2,
+                  val_classes=0, num_workers=0, progress=False, sched='cosine', device='cpu')
+
+
+def test_checkpoint_folder_gives_the_same_embeddings():
+    model = CGDModel.from_pretrained(FIXTURES / 'checkpoint').eval()
+    expected = load_file(str(FIXTURES / 'expected_embeddings.safetensors'))
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected['images']), expected['embeddings'], rtol=0, atol=1e-6)
+    assert model.config == {'descriptors': 'SG', 'embed_dim': 32, 'model_name': 'test_efficientnet',
+                            'num_classes': 4, 'stride_mode': 'strip'}
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    images = read_image_folder(write_shapes_folder(tmp_path / 'shapes', num_classes=4, per_class=4))['all']
+    shutil.copytree(FIXTURES / 'run', tmp_path / 'resumed')
+    resumed = train(TrainConfig(**RUN_CONFIG), images, tmp_path / 'resumed', resume=True)
+    fresh = train(TrainConfig(**RUN_CONFIG), images, tmp_path / 'fresh')
+    assert [row['epoch'] for row in resumed.history] == [1, 2]
+    # epoch 1 was computed by 0.1.0, epoch 2 by this version from 0.1.0's optimizer state: both as a fresh run
+    for old, new in zip(resumed.history, fresh.history):
+        assert {k: v for k, v in old.items() if k.startswith('loss')} == \
+            {k: v for k, v in new.items() if k.startswith('loss')}
+    for (name, a), (_, b) in zip(resumed.model.state_dict().items(), fresh.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_saved_index_loads_and_searches():
+    index = RetrievalIndex.load(FIXTURES / 'index')
+    vectors = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    assert (len(index), index.dim, index.index_type) == (6, 8, 'flat')
+    assert index.labels == [0, 0, 1, 1, 2, None] and index.paths == [f'img{i}.jpg' for i in range(6)]
+    assert index.metadata['model']['model_name'] == 'test_efficientnet'
+    scores, ids = index.search(vectors, k=6)
+    expected = vectors @ vectors.T
+    assert ids[:, 0].tolist() == list(range(6))
+    torch.testing.assert_close(torch.from_numpy(scores), expected.sort(dim=1, descending=True).values, atol=1e-5,
+                               rtol=0)
