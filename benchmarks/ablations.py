@@ -40,13 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from cgd_heads import GeneralizedPooling, create_model
-from cgd_heads.data import load_splits
-from cgd_heads.training.feature_cache import cached_feature_maps
-from cgd_heads.training.head_training import HeadTrainConfig, embed_features, train_head
+from cgd_heads.data import data_config_of, load_splits
 from cgd_heads.retrieval.metrics import evaluate_retrieval
+from cgd_heads.training import (HeadTrainConfig, TrainConfig, build_model, cached_feature_maps, embed_features,
+                                train, train_head, validate)
 from cgd_heads.utils.runtime import seed_everything
-from cgd_heads.data import data_config_of
-from cgd_heads.training import TrainConfig, build_model, train, validate
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 SHARED = Path(os.environ.get('CGD_HEADS_DATA', Path(__file__).resolve().parents[2] / 'shared' / 'data'))

@@ -7,6 +7,9 @@ import pytest
 
 from conftest import REPO, SHARED_DATA
 
+# the benchmark scripts end to end on tiny settings and real data
+pytestmark = pytest.mark.slow
+
 BENCH = REPO / 'benchmarks'
 
 

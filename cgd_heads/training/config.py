@@ -12,6 +12,7 @@ from typing import Optional
 
 from ..layers.heads import COMBINE_MODES
 from ..models.stride import STRIDE_MODES
+from ..utils.checks import check_int
 from ..utils.runtime import AMP_MODES
 from ..utils.settings import count_or_fraction, setting
 
@@ -22,13 +23,6 @@ OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('step', 'cosine', 'none')
 #: Validation metrics that can select the best epoch.
 SELECT_METRICS = ('recall@1', 'map@r', 'precision@1')
-
-
-def _check_positive_ints(config: object, names: tuple) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f'{name} must be a positive int, got {value!r}')
 
 
 @dataclass
@@ -52,7 +46,8 @@ class HeadSettings:
     seed: int = setting(0, 'seed of initialisation, sampling and augmentation')
 
     def __post_init__(self) -> None:
-        _check_positive_ints(self, ('embed_dim', 'batch_size', 'm_per_class', 'epochs'))
+        for name in ('embed_dim', 'batch_size', 'm_per_class', 'epochs'):
+            check_int(getattr(self, name), name)
         if self.batch_size % self.m_per_class:
             raise ValueError(f'batch_size={self.batch_size} must be a multiple of m_per_class={self.m_per_class} '
                              f'(batches hold batch_size / m classes of m images)')
@@ -105,7 +100,8 @@ class TrainConfig(HeadSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive_ints(self, ('img_size', 'eval_every', 'eval_batch_size'))
+        for name in ('img_size', 'eval_every', 'eval_batch_size'):
+            check_int(getattr(self, name), name)
         for name, valid in (('optimizer', OPTIMIZERS), ('sched', SCHEDULES), ('select_metric', SELECT_METRICS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f'{name} must be one of {valid}, got {getattr(self, name)!r}')
@@ -117,5 +113,4 @@ class TrainConfig(HeadSettings):
             raise ValueError(f'clip_grad must be > 0 or None, got {self.clip_grad!r}')
         if self.val_classes < 0:
             raise ValueError(f'val_classes must be >= 0 (a fraction < 1 or a class count), got {self.val_classes!r}')
-        if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
-            raise ValueError(f'iters_per_epoch must be a positive int or None, got {self.iters_per_epoch!r}')
+        check_int(self.iters_per_epoch, 'iters_per_epoch', allow_none=True)

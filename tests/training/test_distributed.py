@@ -77,6 +77,7 @@ def test_distributed_sampler_splits_the_single_process_batches():
         DistributedMPerClassSampler(labels, 4, 16, 48, rank=0, world_size=3)
 
 
+@pytest.mark.slow  # starts two processes under torchrun
 def test_torchrun_trains_and_rank_zero_writes(shapes_folder, tmp_path):
     script = Path(sys.executable).parent / 'cgd-train'
     if not script.exists():

@@ -13,6 +13,7 @@ needs_ort = pytest.mark.skipif(importlib.util.find_spec('onnxruntime') is None o
 
 
 @needs_ort
+@pytest.mark.slow  # a dynamo export and an onnxruntime session per model
 @pytest.mark.parametrize('name, kwargs', [
     ('test_resnet', dict(descriptors='GM', learnable_p=True)),  # learnable GeM and MAC
     ('test_vit', dict(descriptors='SMG')),                      # token pooling with a class token

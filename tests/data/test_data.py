@@ -34,8 +34,9 @@ from cgd_heads.data import (
     read_sop,
 )
 from cgd_heads.data import zip_cache
+from conftest import SHARED_DATA
 
-DATA_ROOT = Path(os.environ.get('CGD_HEADS_DATA', Path(__file__).resolve().parents[1].parent / 'shared' / 'data'))
+DATA_ROOT = SHARED_DATA
 IMAGENET_CONFIG = {'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225), 'interpolation': 'bicubic'}
 
 

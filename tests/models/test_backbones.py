@@ -8,6 +8,9 @@ import torch
 from cgd_heads import create_model
 from cgd_heads.models.stride import feature_map_size
 
+# real timm families at full size, one forward/backward each
+pytestmark = pytest.mark.slow
+
 # densenet121, regnetx_002, convnext_atto, mobilenetv2_100, tf_efficientnet_lite0 and resnets: tests/test_stride.py
 # Hierarchical backbones with a spatial map: CNNs, hybrids, PVT-v2 (its attention's strided convs must be left
 # alone) and Swin (NHWC; patch merging is run by shift-and-stitch).
