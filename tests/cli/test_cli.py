@@ -98,3 +98,17 @@ def test_console_script_exit_code_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert 'Traceback' not in proc.stderr and 'cgd-eval: error:' in proc.stderr
+
+
+def test_demo_runs_end_to_end_in_a_tiny_configuration(tmp_path, capsys):
+    from cgd_heads import RetrievalIndex
+    from cgd_heads.cli import demo_main
+    out = tmp_path / 'demo'
+    args = ['--epochs', '1', '--model', 'test_resnet', '--embed-dim', '16', '--quiet', '--out', str(out)]
+    assert demo_main(args) == 0
+    printed = capsys.readouterr().out
+    assert '| untrained (random init) |' in printed and '| CGD SG, trained 1 epochs |' in printed
+    unseen = sum(len(list((out / 'digits' / str(d)).glob('*.png'))) for d in range(6, 10))
+    assert f'Zero-shot retrieval on {unseen} query images' in printed
+    index = RetrievalIndex.load(out / 'index')
+    assert len(index) == unseen and (out / 'retrieval_grid.png').is_file() and (out / 'run' / 'best').is_dir()
