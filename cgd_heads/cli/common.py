@@ -18,8 +18,9 @@ from ..training.config import TrainConfig
 from ..utils.runtime import amp_dtype, resolve_device
 from ..utils.settings import add_options, count_or_fraction
 
-__all__ = ['run_cli', 'parse_ks', 'parse_floats', 'add_data_args', 'load_data_splits', 'add_runtime_args',
-           'check_out_dir', 'load_checkpoint', 'eval_transform', 'evaluate_split', 'runtime_kwargs', 'print_metrics']
+__all__ = ['RUNTIME_FIELDS', 'run_cli', 'parse_ks', 'parse_floats', 'add_data_args', 'load_data_splits',
+           'add_runtime_args', 'check_out_dir', 'load_checkpoint', 'eval_transform', 'evaluate_split', 'runtime_kwargs',
+           'print_metrics']
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, BadImageError,
                 FloatingPointError, KeyError, ImportError)
