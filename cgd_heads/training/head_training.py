@@ -44,6 +44,9 @@ class HeadTrainConfig(HeadSettings):
         super().__post_init__()
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f'architecture must be one of {ARCHITECTURES}, got {self.architecture!r}')
+        if self.learnable_p:  # train_head pools the frozen maps once, so p would silently stay where it starts
+            raise ValueError('learnable_p=True cannot be trained on cached features (they are pooled once with a '
+                             'fixed p); learn p end to end with train(), or fix gem_p')
 
 
 def build_head(config: HeadTrainConfig, in_features: int, num_classes: int, input_fmt: str = 'NCHW') -> nn.Module:

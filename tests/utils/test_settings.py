@@ -52,6 +52,8 @@ def test_head_only_training_shares_the_settings_with_its_own_defaults():
     assert (TrainConfig().embed_dim, TrainConfig().lr) == (1536, 1e-4)
     with pytest.raises(ValueError, match='nothing to train'):
         HeadTrainConfig(aux_weight=0, ranking_weight=0)
+    with pytest.raises(ValueError, match='learnable_p=True cannot be trained on cached features'):
+        HeadTrainConfig(learnable_p=True)
 
 
 def test_add_options_on_a_small_dataclass():
