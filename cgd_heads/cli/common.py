@@ -90,8 +90,8 @@ def load_data_splits(args: argparse.Namespace) -> Dict[str, ImageList]:
     return load_splits(args.dataset, data, **kwargs)
 
 
-def add_runtime_args(p: argparse.ArgumentParser, fields: Sequence[str] = RUNTIME_FIELDS) -> None:
-    add_options(p, TrainConfig, only=fields)
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    add_options(p, TrainConfig, only=RUNTIME_FIELDS)
     p.add_argument('--quiet', action='store_true', help='no progress bars')
 
 

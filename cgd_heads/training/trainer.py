@@ -203,9 +203,10 @@ def _build_run(config: TrainConfig, num_classes: int, out_dir: Path, device: tor
         step = nn.parallel.DistributedDataParallel(
             step, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=True)
     optimizer = make_optimizer(model, config)
-    return _Run(config, out_dir, device, context, dtype, model, data_config_of(model, config.img_size,
-                config.resize_size), criterion, step, optimizer, make_scheduler(optimizer, config),
-                torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+    return _Run(config=config, out_dir=out_dir, device=device, context=context, dtype=dtype, model=model,
+                data_config=data_config_of(model, config.img_size, config.resize_size), criterion=criterion,
+                step=step, optimizer=optimizer, scheduler=make_scheduler(optimizer, config),
+                scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
 
 def _restore(run: _Run) -> None:
