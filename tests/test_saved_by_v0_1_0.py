@@ -1,6 +1,7 @@
 """What users wrote with cgd_heads 0.1.0 before the package was split into sub-packages still loads: a checkpoint
-folder, an interrupted training run (``resume``) and a saved index (tests/fixtures/v0_1_0, made by its
-make_fixtures.py at commit 18d34ba)."""
+folder, an interrupted training run (``resume``, checked against 0.1.0's own uninterrupted run) and a saved index
+(tests/fixtures/v0_1_0, made by its make_fixtures.py and make_uninterrupted.py at commit 18d34ba)."""
+import json
 import shutil
 from pathlib import Path
 
@@ -28,17 +29,21 @@ def test_checkpoint_folder_gives_the_same_embeddings():
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    # the reference is 0.1.0's own uninterrupted run (make_uninterrupted.py): a resumed run keeps the schedule it
+    # was started with (0.1.0 stepped it per epoch; new runs step it per update), so it must match 0.1.0, not now
     images = read_image_folder(write_shapes_folder(tmp_path / 'shapes', num_classes=4, per_class=4))['all']
     shutil.copytree(FIXTURES / 'run', tmp_path / 'resumed')
     resumed = train(TrainConfig(**RUN_CONFIG), images, tmp_path / 'resumed', resume=True)
-    fresh = train(TrainConfig(**RUN_CONFIG), images, tmp_path / 'fresh')
+    expected_rows = json.loads((FIXTURES / 'uninterrupted.json').read_text())
     assert [row['epoch'] for row in resumed.history] == [1, 2]
-    # epoch 1 was computed by 0.1.0, epoch 2 by this version from 0.1.0's optimizer state: both as a fresh run
-    for old, new in zip(resumed.history, fresh.history):
-        assert {k: v for k, v in old.items() if k.startswith('loss')} == \
-            {k: v for k, v in new.items() if k.startswith('loss')}
-    for (name, a), (_, b) in zip(resumed.model.state_dict().items(), fresh.model.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # epoch 1 was computed by 0.1.0, epoch 2 by this version from 0.1.0's optimizer and schedule state
+    for row, expected in zip(resumed.history, expected_rows):
+        assert {k: row[k] for k in expected} == expected
+    expected_weights = load_file(str(FIXTURES / 'uninterrupted.safetensors'))
+    state = resumed.model.state_dict()
+    assert sorted(state) == sorted(expected_weights)
+    for name, value in expected_weights.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_saved_index_loads_and_searches():

@@ -19,7 +19,8 @@ from ..utils.settings import count_or_fraction, setting
 __all__ = ['HeadSettings', 'TrainConfig', 'OPTIMIZERS', 'SCHEDULES', 'SELECT_METRICS']
 
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
-#: 'step': x0.1 at 60% and 80% of the epochs; 'cosine'; 'none' (constant)
+#: 'step': x0.1 after 60% and 80% of the updates; 'cosine' (to 0 at the last update); 'none' (constant). Both
+#: schedules are stepped per optimizer update, so a drop that falls inside an epoch applies there.
 SCHEDULES = ('step', 'cosine', 'none')
 #: Validation metrics that can select the best epoch.
 SELECT_METRICS = ('recall@1', 'map@r', 'precision@1')
@@ -82,13 +83,18 @@ class TrainConfig(HeadSettings):
                                              'when it should differ from the backbone\'s; default: --lr')
     weight_decay: float = setting(0.0, 'weight decay')
     momentum: float = setting(0.9, 'SGD momentum')
-    sched: str = setting('step', 'learning-rate schedule: step = x0.1 at 60%% and 80%% of the epochs',
+    sched: str = setting('step', 'learning-rate schedule, stepped per update: step = x0.1 after 60%% and 80%% of '
+                                 'the updates; cosine = down to 0 at the last update',
                          choices=SCHEDULES)
     warmup_epochs: int = setting(0, 'epochs of linear warm-up from lr / 100')
     freeze_bn: bool = setting(False, 'keep backbone BatchNorm statistics fixed')
     clip_grad: Optional[float] = setting(None, 'clip the gradient norm to this value')
     amp: str = setting('auto', 'mixed precision: auto = bf16 (fp16 without bf16 support) on CUDA, none on CPU',
                        choices=AMP_MODES)
+    channels_last: bool = setting(False, 'channels-last memory format for the model and its batches (a speed '
+                                         'option; see benchmarks/results/speed.md)')
+    compile: bool = setting(False, 'torch.compile the training step (a speed option; the first steps pay for '
+                                   'the compilation)')
     device: str = setting('auto', 'auto, cpu, cuda, cuda:N')
     num_workers: int = setting(2, 'DataLoader worker processes')
     val_classes: float = setting(0.1, 'training classes held out for model selection: fraction or count (0 = none)',

@@ -1,15 +1,18 @@
 """The optimizer and learning-rate schedule a :class:`~cgd_heads.training.config.TrainConfig` describes."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
-from timm.scheduler import create_scheduler_v2
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
 from ..models.cgd_model import CGDModel
 from .config import TrainConfig
 
-__all__ = ['make_optimizer', 'make_scheduler']
+__all__ = ['make_optimizer', 'make_scheduler', 'step_milestones', 'describe_schedule']
+
+#: The step schedule's drops (x0.1 each), as fractions of the run's optimizer updates.
+STEP_FRACTIONS = (0.6, 0.8)
 
 
 def make_optimizer(model: CGDModel, config: TrainConfig) -> torch.optim.Optimizer:
@@ -28,14 +31,42 @@ def make_optimizer(model: CGDModel, config: TrainConfig) -> torch.optim.Optimize
     return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
-    """timm's epoch scheduler for ``config.sched`` (None for 'none'); 'step' drops x0.1 at 60% and 80% of the epochs."""
+def step_milestones(total_updates: int) -> List[int]:
+    """Updates after which the step schedule multiplies the learning rate by 0.1: ``round(f * total_updates)``
+    for f in 0.6, 0.8 (at least update 1, duplicates merged)."""
+    return sorted({max(1, round(total_updates * f)) for f in STEP_FRACTIONS})
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, iters_per_epoch: int) -> Optional[Any]:
+    """timm's scheduler for ``config.sched``, stepped per optimizer update (``step_update``); None for 'none'.
+
+    The schedule is laid out over ``epochs * iters_per_epoch`` updates, so a drop or the cosine's descent that falls
+    inside an epoch applies there: with 2 epochs, 'step' trains 60% of the updates at ``lr``, 20% at ``lr / 10``
+    and 20% at ``lr / 100`` (an epoch-stepped schedule would round both drops to the end of epoch 1 and spend the
+    whole second epoch at ``lr / 100``). Warm-up rises linearly from ``lr / 100`` over ``warmup_epochs`` epochs.
+    """
     if config.sched == 'none':
         return None
+    total = config.epochs * iters_per_epoch
+    warmup = dict(warmup_t=config.warmup_epochs * iters_per_epoch, warmup_lr_init=config.lr * 0.01,
+                  t_in_epochs=False)
     if config.sched == 'step':
-        milestones = sorted({max(1, round(config.epochs * f)) for f in (0.6, 0.8)})
-        return create_scheduler_v2(optimizer, sched='multistep', num_epochs=config.epochs,
-                                   decay_milestones=milestones, decay_rate=0.1, warmup_epochs=config.warmup_epochs,
-                                   warmup_lr=config.lr * 0.01)[0]
-    return create_scheduler_v2(optimizer, sched='cosine', num_epochs=config.epochs,
-                               warmup_epochs=config.warmup_epochs, warmup_lr=config.lr * 0.01)[0]
+        # timm applies milestone m from step_update(m - 1) on, i.e. to update m; ours drop AFTER update m
+        return MultiStepLRScheduler(optimizer, decay_t=[m + 1 for m in step_milestones(total)], decay_rate=0.1,
+                                    **warmup)
+    return CosineLRScheduler(optimizer, t_initial=total, lr_min=0.0, **warmup)
+
+
+def describe_schedule(config: TrainConfig, iters_per_epoch: int) -> str:
+    """One line saying what the learning rate will do over the run, in updates and epochs."""
+    total = config.epochs * iters_per_epoch
+    lrs = f'lr {config.lr:g}' + (f', head_lr {config.head_lr:g}' if config.head_lr is not None else '')
+    text = f'{config.epochs} epochs x {iters_per_epoch} updates = {total} updates; {lrs}'
+    if config.warmup_epochs:
+        text += f'; linear warm-up from lr/100 over {config.warmup_epochs * iters_per_epoch} updates'
+    if config.sched == 'none':
+        return text + '; constant (--sched none)'
+    if config.sched == 'cosine':
+        return text + f'; cosine decay to 0 at update {total} (--sched cosine)'
+    drops = ', '.join(f'update {m} (epoch {m / iters_per_epoch:.2f})' for m in step_milestones(total))
+    return text + f'; x0.1 after {drops} (--sched step)'

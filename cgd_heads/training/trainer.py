@@ -39,13 +39,14 @@ from ..utils.distributed import DistributedContext, all_reduce_mean, init_distri
 from ..utils.runtime import amp_dtype, autocast, resolve_device, seed_everything
 from .config import TrainConfig
 from .distributed import DistributedMPerClassSampler
-from .optim import make_optimizer, make_scheduler
+from .optim import describe_schedule, make_optimizer, make_scheduler
 
-__all__ = ['TrainResult', 'train', 'build_model', 'freeze_batch_norm', 'validate']
+__all__ = ['TrainResult', 'train', 'build_model', 'freeze_batch_norm', 'validate', 'updates_per_epoch']
 
 _logger = logging.getLogger(__name__)
 #: Settings that may change when a run is resumed (they do not change what is computed).
-_RESUMABLE_CHANGES = ('progress', 'num_workers', 'device')
+#: settings that change how fast a run goes, not what it computes: a resumed run may change them
+_RESUMABLE_CHANGES = ('progress', 'num_workers', 'device', 'channels_last', 'compile')
 
 
 @dataclass
@@ -105,13 +106,18 @@ class _TrainStep(nn.Module):
         return self.model.forward_train(images)
 
 
+def updates_per_epoch(config: TrainConfig, num_images: int) -> int:
+    """Optimizer updates (batches) per epoch: ``iters_per_epoch``, or one pass over ``num_images``."""
+    return config.iters_per_epoch or max(1, num_images // config.batch_size)
+
+
 def _loader(dataset: ImageDataset, config: TrainConfig, device: torch.device,
             context: DistributedContext) -> DataLoader:
     """A DataLoader of m-per-class batches (this rank's share of each global batch under torchrun).
 
     Built anew each epoch: PML's sampler permutes its class list in place, so a sampler carried over from the
     previous epoch would make the batch order depend on history."""
-    iters = config.iters_per_epoch or max(1, len(dataset) // config.batch_size)
+    iters = updates_per_epoch(config, len(dataset))
     sampler = DistributedMPerClassSampler(dataset.labels, config.m_per_class, config.batch_size,
                                           iters * config.batch_size, context.rank, context.world_size)
     return DataLoader(dataset, batch_size=config.batch_size // context.world_size, sampler=sampler,
@@ -153,6 +159,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
+    iters: int
     start_epoch: int = 0
     best_metric: Optional[float] = None
     history: List[Dict[str, Any]] = field(default_factory=list)
@@ -188,12 +195,14 @@ def _setup_processes(config: TrainConfig) -> Tuple[torch.device, DistributedCont
     return device, context
 
 
-def _build_run(config: TrainConfig, num_classes: int, out_dir: Path, device: torch.device,
+def _build_run(config: TrainConfig, train_list: ImageList, out_dir: Path, device: torch.device,
                context: DistributedContext) -> _Run:
     """Model, loss, the step DDP wraps, optimizer, schedule and gradient scaler, from the seed."""
     dtype = amp_dtype(config.amp, device)
     seed_everything(config.seed)
-    model = build_model(config, num_classes).to(device)
+    model = build_model(config, train_list.num_classes).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     criterion = CGDLoss(margin=config.margin, aux_weight=config.aux_weight, ranking_weight=config.ranking_weight,
                         aux_loss=model.head.aux_head.loss if model.head.aux_head is not None else None)
     step: nn.Module = _TrainStep(model)
@@ -202,10 +211,15 @@ def _build_run(config: TrainConfig, num_classes: int, out_dir: Path, device: tor
         # backbones keep layers forward_features never uses (e.g. ConvNeXt's head norm): let DDP skip them
         step = nn.parallel.DistributedDataParallel(
             step, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=True)
+    if config.compile:
+        step = torch.compile(step)
     optimizer = make_optimizer(model, config)
+    iters = updates_per_epoch(config, len(train_list))
+    if context.is_main:
+        _logger.info('learning rate: %s', describe_schedule(config, iters))
     return _Run(config=config, out_dir=out_dir, device=device, context=context, dtype=dtype, model=model,
                 data_config=data_config_of(model, config.img_size, config.resize_size), criterion=criterion,
-                step=step, optimizer=optimizer, scheduler=make_scheduler(optimizer, config),
+                step=step, optimizer=optimizer, scheduler=make_scheduler(optimizer, config, iters), iters=iters,
                 scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
 
@@ -238,9 +252,13 @@ def _train_epoch(run: _Run, dataset: ImageDataset, epoch: int) -> Dict[str, Any]
     totals: Dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
     start, seen = time.time(), 0
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{config.epochs}', unit='batch', disable=not config.progress)
-    for images, labels in bar:
+    for update, (images, labels) in enumerate(bar, start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         _train_step(run, images, labels, epoch)
+        if run.scheduler is not None:  # per update: a drop inside an epoch applies there
+            run.scheduler.step_update(epoch * run.iters + update)
         seen += len(labels)
         for key, value in run.criterion.last_parts.items():
             totals[key] = totals[key] + value if key in totals else value
@@ -340,7 +358,7 @@ def train(
     device, context = _setup_processes(config)
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    run = _build_run(config, train_list.num_classes, out_dir, device, context)
+    run = _build_run(config, train_list, out_dir, device, context)
     if resume:
         _restore(run)
     run_config = dataclasses.asdict(config)
@@ -352,7 +370,7 @@ def train(
     for epoch in range(run.start_epoch, config.epochs):
         row = _train_epoch(run, dataset, epoch)
         if run.scheduler is not None:
-            run.scheduler.step(epoch + 1)
+            run.scheduler.step(epoch + 1)  # a no-op for per-update schedules; steps those saved by v0.1 (per epoch)
         if context.is_main:  # rank 0 validates and writes; the others wait for it
             _save_epoch(run, row, _validate_epoch(run, row, val_list, epoch), ckpt_extra, epoch)
         context.barrier()

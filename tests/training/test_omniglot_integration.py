@@ -20,7 +20,7 @@ def test_short_training_beats_untrained_model(tmp_path, monkeypatch):
     monkeypatch.setenv('CGD_HEADS_CACHE', str(tmp_path / 'cache'))  # zips are extracted here, never beside them
     splits = load_splits('omniglot', OMNIGLOT)
     config = TrainConfig(model_name='resnet18', descriptors='SG', embed_dim=128, img_size=32, batch_size=64,
-                         m_per_class=4, epochs=2, lr=1e-3, sched='cosine', num_workers=0, progress=False,
+                         m_per_class=4, epochs=2, lr=1e-3, sched='none', num_workers=0, progress=False,
                          val_classes=0, eval_batch_size=256, seed=0)
     seed_everything(config.seed)
     untrained = build_model(config, splits['train'].num_classes)
@@ -31,5 +31,5 @@ def test_short_training_beats_untrained_model(tmp_path, monkeypatch):
     after = validate(result.model, splits['test'], data_config, device, batch_size=256)
     print(f'Omniglot small2 Recall@1: untrained {before["recall@1"]:.3f} -> trained {after["recall@1"]:.3f}')
     assert after['num_queries'] == 3120
-    # measured: 0.115 untrained -> 0.192 after these two epochs (seed 0, CPU)
+    # measured: 0.115 untrained -> 0.248 after these two epochs at a constant lr (seed 0, CPU)
     assert after['recall@1'] > max(before['recall@1'] + 0.05, 1.4 * before['recall@1']), (before, after)
