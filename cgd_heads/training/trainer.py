@@ -250,12 +250,14 @@ def _train_epoch(run: _Run, dataset: ImageDataset, epoch: int) -> Dict[str, Any]
     if config.freeze_bn:
         freeze_batch_norm(run.model.backbone)
     totals: Dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
+    used_lrs = [group['lr'] for group in run.optimizer.param_groups]
     start, seen = time.time(), 0
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{config.epochs}', unit='batch', disable=not config.progress)
     for update, (images, labels) in enumerate(bar, start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        used_lrs = [group['lr'] for group in run.optimizer.param_groups]  # logged: the rates of the epoch's last update
         _train_step(run, images, labels, epoch)
         if run.scheduler is not None:  # per update: a drop inside an epoch applies there
             run.scheduler.step_update(epoch * run.iters + update)
@@ -266,10 +268,10 @@ def _train_epoch(run: _Run, dataset: ImageDataset, epoch: int) -> Dict[str, Any]
             bar.set_postfix(loss=f'{float(run.criterion.last_parts["total"]):.4f}',
                             img_s=f'{seen / (time.time() - start):.1f}')
     steps, seconds = len(loader), time.time() - start
-    row: Dict[str, Any] = {'epoch': epoch + 1, 'lr': run.optimizer.param_groups[0]['lr'],
+    row: Dict[str, Any] = {'epoch': epoch + 1, 'lr': used_lrs[0],
                            'seconds': round(seconds, 2), 'images_per_s': round(seen / seconds, 2)}
     if config.head_lr is not None:
-        row['head_lr'] = run.optimizer.param_groups[-1]['lr']
+        row['head_lr'] = used_lrs[-1]
     row.update({f'loss_{k}': float(all_reduce_mean(v, run.context)) / steps for k, v in totals.items()})
     row['images_per_s'] = round(row['images_per_s'] * run.context.world_size, 2)
     return row

@@ -1,5 +1,6 @@
 """The command-line pipeline end to end on a tiny generated data set, and its one-line errors."""
 import json
+import logging
 import subprocess
 import sys
 
@@ -11,11 +12,15 @@ TRAIN = ['--model', 'test_resnet', '--embed-dim', '16', '--img-size', '24', '--b
          '--m-per-class', '2', '--epochs', '2', '--lr', '1e-3', '--num-workers', '0', '--quiet']
 
 
-def test_train_eval_index_search(shapes_folder, tmp_path, capsys):
+def test_train_eval_index_search(shapes_folder, tmp_path, capsys, caplog):
     run = tmp_path / 'run'
-    assert train_main(['--data', str(shapes_folder), '--train-classes', '6', '--val-classes', '2',
-                       '--out', str(run), '--head-lr', '5e-3', *TRAIN]) == 0
+    with caplog.at_level(logging.INFO, logger='cgd_heads.training.trainer'):
+        assert train_main(['--data', str(shapes_folder), '--train-classes', '6', '--val-classes', '2',
+                           '--out', str(run), '--head-lr', '5e-3', *TRAIN]) == 0
     out = capsys.readouterr().out
+    # it says what the learning rate will do: 4 training classes x 6 images / batch 8 = 3 updates per epoch
+    assert 'learning rate: 2 epochs x 3 updates = 6 updates; lr 0.001, head_lr 0.005; x0.1 after update 4 ' \
+           '(epoch 1.33), update 5 (epoch 1.67) (--sched step)' in caplog.text
     assert json.loads((run / 'train_config.json').read_text())['head_lr'] == 5e-3
     first_epoch = json.loads((run / 'metrics.jsonl').read_text().splitlines()[0])
     assert (first_epoch['lr'], first_epoch['head_lr']) == (1e-3, 5e-3)
