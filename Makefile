@@ -11,7 +11,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH_PINS)
-	$(VENV)/bin/pip install --quiet -e '.[dev,demo]' $(TORCH_PINS)
+	$(VENV)/bin/pip install --quiet -e '.[dev,demo,docs]' $(TORCH_PINS)
 	touch $(STAMP)
 
 setup: $(STAMP)

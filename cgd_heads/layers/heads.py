@@ -83,9 +83,11 @@ class AuxSoftmaxHead(nn.Module):
                              f'got {label_smoothing!r}')
 
     def extra_repr(self) -> str:
+        """The settings ``print(module)`` shows: temperature and label smoothing."""
         return f'temperature={self.temperature}, label_smoothing={self.label_smoothing}'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled logits ``(N, num_classes)`` of the pooled first descriptor ``x`` ``(N, in_features)``."""
         return self.fc(self.norm(x)) / self.temperature
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -202,6 +204,7 @@ class CGDHead(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """Classes of the auxiliary classifier; 0 when the head has none."""
         return 0 if self.aux_head is None else self.aux_head.num_classes
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -211,6 +214,7 @@ class CGDHead(nn.Module):
             self.in_features, num_classes, self.temperature, self.label_smoothing) if num_classes else None
 
     def extra_repr(self) -> str:
+        """The settings ``print(module)`` shows: sizes, descriptor letters, combination and input format."""
         return (f'in_features={self.in_features}, descriptors={self.descriptors!r}, embed_dim={self.embed_dim}, '
                 f'combine={self.combine!r}, input_fmt={self.input_fmt!r}')
 

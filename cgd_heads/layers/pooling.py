@@ -265,10 +265,24 @@ class GeneralizedPooling(nn.Module):
             self._p_float = float(self.p)
 
     def extra_repr(self) -> str:
+        """The settings ``print(module)`` shows: variant, p, whether p is learnt, input format."""
         p = self.p if self.p.ndim == 0 else f'[{self.p.numel()} channels]'
         return f'pool_type={self.pool_type}, p={p}, learnable={self.learnable}, input_fmt={self.input_fmt}'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool a floating-point feature map laid out as ``input_fmt`` over its spatial (or token) axis.
+
+        Args:
+            x: ``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, L, C)``, by ``input_fmt``.
+
+        Returns:
+            The pooled ``(N, C)`` tensor in ``x``'s dtype (GeM is computed in float32 and cast back).
+
+        Raises:
+            TypeError: If ``x`` is not a floating-point tensor.
+            ValueError: If ``x`` has the wrong number of dimensions, or not ``in_features`` channels when that was
+                given.
+        """
         if not x.is_floating_point():
             raise TypeError(f'GeneralizedPooling expects a floating point feature map, got dtype {x.dtype}')
         if x.ndim != (4 if self.input_fmt != 'NLC' else 3):

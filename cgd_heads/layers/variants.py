@@ -64,13 +64,17 @@ class ConcatFCHead(nn.Module):
         return [pool(x) for pool in self.pools]
 
     def embed_pooled(self, pooled: List[torch.Tensor]) -> torch.Tensor:
+        """The unit-norm embedding ``normalize(W concat_i pool_i(X))`` ``(N, embed_dim)`` from pooled vectors."""
         return F.normalize(self.fc(torch.cat(pooled, dim=-1)), dim=-1)
 
     def forward_pooled(self, pooled: List[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``forward_train`` from pooled vectors: ``(embedding, logits)``, logits None without a classifier."""
         return self.embed_pooled(pooled), self.aux_head(pooled[0]) if self.aux_head is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the unit-norm embedding ``(N, embed_dim)``; never computes the classifier."""
         return self.embed_pooled(self.pool(x))
 
     def forward_train(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Return ``(embedding, logits)``; ``logits`` is None when the head has no classifier."""
         return self.forward_pooled(self.pool(x))

@@ -51,10 +51,12 @@ class CGDModel(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """Classes of the head's auxiliary classifier; 0 when it has none."""
         return self.head.num_classes
 
     @property
     def feature_info(self) -> Any:
+        """The backbone's timm ``feature_info`` (channels and reductions of its stages), or None."""
         return getattr(self.backbone, 'feature_info', None)
 
     def save_pretrained(self, directory: PathLike, extra: Optional[Dict[str, Any]] = None) -> None:
@@ -106,6 +108,7 @@ class CGDModel(nn.Module):
         return ordinal
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map of images ``x`` (``(N, C, H, W)``, or tokens / NHWC maps for transformers)."""
         return self.backbone.forward_features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -116,9 +119,12 @@ class CGDModel(nn.Module):
         return self.head.forward_train(x)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit-norm embeddings ``(N, embed_dim)`` of images ``x`` ``(N, 3, H, W)``; no classifier."""
         return self.head(self.forward_features(x))
 
     def forward_train(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(embedding, logits)`` of images ``x``; logits (already divided by the temperature) are None without
+        a classifier."""
         return self.head.forward_train(self.forward_features(x))
 
 

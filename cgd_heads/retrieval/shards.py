@@ -48,6 +48,7 @@ class ShardedIndex:
 
     @classmethod
     def load(cls, directories: Sequence[PathLike]) -> 'ShardedIndex':
+        """Load each saved :class:`RetrievalIndex` folder (see :meth:`RetrievalIndex.load`) as one shard, in order."""
         return cls([RetrievalIndex.load(d) for d in directories])
 
     def __len__(self) -> int:
@@ -66,6 +67,8 @@ class ShardedIndex:
         return take(scores, order, 1), take(shard_ids, order, 1), take(ids, order, 1)
 
     def search_hits(self, queries: ArrayLike, k: int = 10) -> List[List[ShardHit]]:
+        """:meth:`search` as one list of :class:`ShardHit` per query (shard, id within it, score, label, path),
+        best first; empty slots (fewer than ``k`` vectors in all the shards) are left out."""
         scores, shard_ids, ids = self.search(queries, k)
         hits = []
         for row_scores, row_shards, row_ids in zip(scores, shard_ids, ids):
