@@ -31,15 +31,23 @@ _EXPORTS = {
     'ShardedIndex': 'cgd_heads.retrieval.shards',
     'evaluate_retrieval': 'cgd_heads.retrieval.metrics',
     'extract_embeddings': 'cgd_heads.retrieval.extract',
+    'Whitening': 'cgd_heads.retrieval.whitening',
+    'database_augmentation': 'cgd_heads.retrieval.query_expansion',
+    'query_expansion': 'cgd_heads.retrieval.query_expansion',
+    'k_reciprocal_rerank_dense': 'cgd_heads.retrieval.rerank',
+    'k_reciprocal_rerank_sparse': 'cgd_heads.retrieval.rerank',
+    'nmi_from_clusters': 'cgd_heads.retrieval.clustering',
+    'normalized_mutual_info': 'cgd_heads.retrieval.clustering',
     'TrainConfig': 'cgd_heads.training.config',
     'train': 'cgd_heads.training.trainer',
 }
 
 __all__ = [
     'AuxSoftmaxHead', 'CGDHead', 'CGDLoss', 'CGDModel', 'ConcatFCHead', 'GeneralizedPooling', 'RetrievalIndex',
-    'ShardedIndex', 'TrainConfig', '__version__', 'create_model', 'evaluate_retrieval', 'export_onnx',
-    'extract_embeddings', 'feature_map_size', 'generalized_mean', 'load_pretrained', 'save_pretrained',
-    'strip_last_stride', 'train',
+    'ShardedIndex', 'TrainConfig', 'Whitening', '__version__', 'create_model', 'database_augmentation',
+    'evaluate_retrieval', 'export_onnx', 'extract_embeddings', 'feature_map_size', 'generalized_mean',
+    'k_reciprocal_rerank_dense', 'k_reciprocal_rerank_sparse', 'load_pretrained', 'nmi_from_clusters',
+    'normalized_mutual_info', 'query_expansion', 'save_pretrained', 'strip_last_stride', 'train',
 ]
 
 if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
@@ -51,10 +59,14 @@ if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
     from .models.checkpoint import save_pretrained
     from .models.export import export_onnx
     from .models.stride import feature_map_size, strip_last_stride
+    from .retrieval.clustering import nmi_from_clusters, normalized_mutual_info
     from .retrieval.extract import extract_embeddings
     from .retrieval.index import RetrievalIndex
     from .retrieval.metrics import evaluate_retrieval
+    from .retrieval.query_expansion import database_augmentation, query_expansion
+    from .retrieval.rerank import k_reciprocal_rerank_dense, k_reciprocal_rerank_sparse
     from .retrieval.shards import ShardedIndex
+    from .retrieval.whitening import Whitening
     from .training.config import TrainConfig
     from .training.trainer import train
 

@@ -35,10 +35,11 @@ from __future__ import annotations
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from ..utils.checks import check_int
 from .arrays import ArrayLike, to_embedding_array
+from .checks import as_labels as _as_labels
+from .clustering import normalized_mutual_info
 from .faiss_import import faiss
 
 __all__ = ['evaluate_retrieval', 'DEFAULT_KS', 'SOP_KS', 'INSHOP_KS', 'DEFAULT_CHUNK_SIZE', 'DEFAULT_MAX_R',
@@ -59,26 +60,6 @@ MAX_RESULTS_PER_CALL = 1 << 20
 #: ~60, Cars ~100; a class of 800 images gives R = 799), while an unbounded R for a huge class (e.g. 2 classes of
 #: 50k) would make every query retrieve 50k neighbours.
 DEFAULT_MAX_R = 1000
-
-
-def _as_labels(labels: Any, n: int, name: str) -> np.ndarray:
-    """Return ``labels`` as a 1-D numpy array of length ``n`` with an integer, bool or string dtype."""
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    elif not isinstance(labels, np.ndarray):
-        if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
-            raise TypeError(
-                f'{name} must be a 1-D tensor, array or sequence of ints or strs, got {type(labels).__name__}'
-            )
-        labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError(f'{name} must be 1-D, got shape {labels.shape}')
-    # floats are refused: 1.0 vs 1.0000001 would silently be two classes
-    if labels.dtype.kind not in 'iubUS':
-        raise TypeError(f'{name} must hold ints or strs, got dtype {labels.dtype}')
-    if len(labels) != n:
-        raise ValueError(f'{name} must have one entry per embedding ({n}), got {len(labels)}')
-    return labels
 
 
 def _check_ks(ks: Any) -> Tuple[int, ...]:
@@ -104,6 +85,22 @@ def _encode_labels(query_labels: np.ndarray, gallery_labels: np.ndarray) -> Tupl
     return codes[:len(query_labels)], codes[len(query_labels):], int(codes.max()) + 1
 
 
+def _scores(relevant_rows: Iterator[Tuple[np.ndarray, np.ndarray]], ks: Tuple[int, ...],
+            r_used: np.ndarray) -> Dict[str, float]:
+    """Recall@K, precision@1 and MAP@R averaged over the chunks of (query rows, relevance of their ranks)."""
+    hits: Dict[int, list] = {k: [] for k in ks}
+    top1_correct, average_precision = [], []
+    for rows, relevant in relevant_rows:
+        for k in ks:
+            hits[k].append(relevant[:, :k].any(axis=1))
+        top1_correct.append(relevant[:, 0])
+        average_precision.append(_average_precision_at_r(relevant, r_used[rows]))
+    results: Dict[str, float] = {f'recall@{k}': float(np.concatenate(hits[k]).mean()) for k in ks}
+    results['precision@1'] = float(np.concatenate(top1_correct).mean())
+    results['map@r'] = float(np.concatenate(average_precision).mean())
+    return results
+
+
 def evaluate_retrieval(
     embeddings: ArrayLike,
     labels: Any,
@@ -113,6 +110,7 @@ def evaluate_retrieval(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_r: Optional[int] = DEFAULT_MAX_R,
     normalize: bool = False,
+    nmi: bool = False,
 ) -> Dict[str, float]:
     """Recall@K, Precision@1 and MAP@R (see the module docstring) by exact inner-product search.
 
@@ -138,11 +136,15 @@ def evaluate_retrieval(
             precision over the first ``max_r`` ranks, an approximation of AP@R) and counted in
             ``num_queries_r_capped``. None = no cap (exact MAP@R for any class size).
         normalize: L2-normalise the embeddings instead of requiring unit norm (|norm - 1| <= 1e-2).
+        nmi: Also report ``'nmi'``: :func:`cgd_heads.retrieval.clustering.normalized_mutual_info` of the
+            ``embeddings`` (the queries; the gallery is not clustered) and ``labels``, with k = their number of
+            classes and seed 0. Off by default: k-means costs more than the search on large sets.
 
     Returns:
         ``{'recall@K': ... for each K, 'precision@1', 'map@r'}`` as floats in [0, 1], plus the ints
         ``num_queries`` (queries averaged over, i.e. with R >= 1), ``num_queries_without_positive`` (queries with
-        R = 0, left out), ``num_gallery`` (gallery size: N without a gallery) and ``num_queries_r_capped``.
+        R = 0, left out), ``num_gallery`` (gallery size: N without a gallery) and ``num_queries_r_capped``;
+        with ``nmi=True`` also ``'nmi'``, a float in [0, 1].
 
     Raises:
         TypeError: wrong argument types (non-float embeddings, float labels, int/str label mix).
@@ -167,21 +169,13 @@ def evaluate_retrieval(
     index.add(gallery)
     relevant_rows = _relevance_chunks(index, queries, query_codes, gallery_codes, evaluated, r_used, ks, chunk_size,
                                       exclude_self)
-    hits = {k: [] for k in ks}
-    top1_correct, average_precision = [], []
-    for rows, relevant in relevant_rows:
-        for k in ks:
-            hits[k].append(relevant[:, :k].any(axis=1))
-        top1_correct.append(relevant[:, 0])
-        average_precision.append(_average_precision_at_r(relevant, r_used[rows]))
-
-    results: Dict[str, float] = {f'recall@{k}': float(np.concatenate(hits[k]).mean()) for k in ks}
-    results['precision@1'] = float(np.concatenate(top1_correct).mean())
-    results['map@r'] = float(np.concatenate(average_precision).mean())
+    results = _scores(relevant_rows, ks, r_used)
     results['num_queries'] = int(len(evaluated))
     results['num_queries_without_positive'] = int(len(queries) - len(evaluated))
     results['num_gallery'] = int(len(gallery))
     results['num_queries_r_capped'] = int((r[evaluated] > r_used[evaluated]).sum())
+    if nmi:
+        results['nmi'] = normalized_mutual_info(queries, query_labels)
     return results
 
 
