@@ -135,7 +135,8 @@ def write(args: argparse.Namespace, gpu: str, tests: str, result: dict, total: f
         f'- CUDA-only tests (tests/test_cuda.py: AMP bf16/fp16, pinned memory, NCCL with one process): {tests}.',
         f'- Training: CARS196 subset, classes 1-{args.classes} train ({len(result["train"])} images) and '
         f'{args.classes} test classes from 99 on ({len(result["test"])} images; each a query against the rest), '
-        f'tf_efficientnet_lite0 ({"pip ImageNet weights" if result["pretrained"] else "random init"}), stride stripped, SG, {config.img_size} px, '
+        f'tf_efficientnet_lite0 ({"pip ImageNet weights" if result["pretrained"] else "random init"}), stride '
+        f'stripped, SG, {config.img_size} px, '
         f'{config.epochs} epochs, batch {config.batch_size}, Adam 1e-4 / head 1e-3, frozen BatchNorm, amp '
         f'{config.amp}, {config.num_workers} loader workers.',
         f'- Training images/s per epoch (DataLoader included): {", ".join(f"{s:.0f}" for s in result["speeds"])}; '
