@@ -30,8 +30,11 @@ _EXPORTS = {
     'RetrievalIndex': 'cgd_heads.retrieval.index',
     'ShardedIndex': 'cgd_heads.retrieval.shards',
     'evaluate_retrieval': 'cgd_heads.retrieval.metrics',
+    'PostProcess': 'cgd_heads.retrieval.postprocess',
+    'evaluate_postprocessed': 'cgd_heads.retrieval.postprocess',
     'extract_embeddings': 'cgd_heads.retrieval.extract',
     'Whitening': 'cgd_heads.retrieval.whitening',
+    'model_fingerprint': 'cgd_heads.retrieval.whitening',
     'database_augmentation': 'cgd_heads.retrieval.query_expansion',
     'query_expansion': 'cgd_heads.retrieval.query_expansion',
     'k_reciprocal_rerank_dense': 'cgd_heads.retrieval.rerank',
@@ -43,11 +46,13 @@ _EXPORTS = {
 }
 
 __all__ = [
-    'AuxSoftmaxHead', 'CGDHead', 'CGDLoss', 'CGDModel', 'ConcatFCHead', 'GeneralizedPooling', 'RetrievalIndex',
-    'ShardedIndex', 'TrainConfig', 'Whitening', '__version__', 'create_model', 'database_augmentation',
-    'evaluate_retrieval', 'export_onnx', 'extract_embeddings', 'feature_map_size', 'generalized_mean',
-    'k_reciprocal_rerank_dense', 'k_reciprocal_rerank_sparse', 'load_pretrained', 'nmi_from_clusters',
-    'normalized_mutual_info', 'query_expansion', 'save_pretrained', 'strip_last_stride', 'train',
+    'AuxSoftmaxHead', 'CGDHead', 'CGDLoss', 'CGDModel', 'ConcatFCHead', 'GeneralizedPooling', 'PostProcess',
+    'RetrievalIndex', 'ShardedIndex', 'TrainConfig', 'Whitening', '__version__', 'create_model',
+    'database_augmentation', 'evaluate_postprocessed', 'evaluate_retrieval', 'export_onnx', 'extract_embeddings',
+    'feature_map_size',
+    'generalized_mean', 'k_reciprocal_rerank_dense', 'k_reciprocal_rerank_sparse', 'load_pretrained',
+    'model_fingerprint', 'nmi_from_clusters', 'normalized_mutual_info', 'query_expansion', 'save_pretrained',
+    'strip_last_stride', 'train',
 ]
 
 if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
@@ -63,10 +68,11 @@ if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
     from .retrieval.extract import extract_embeddings
     from .retrieval.index import RetrievalIndex
     from .retrieval.metrics import evaluate_retrieval
+    from .retrieval.postprocess import PostProcess, evaluate_postprocessed
     from .retrieval.query_expansion import database_augmentation, query_expansion
     from .retrieval.rerank import k_reciprocal_rerank_dense, k_reciprocal_rerank_sparse
     from .retrieval.shards import ShardedIndex
-    from .retrieval.whitening import Whitening
+    from .retrieval.whitening import Whitening, model_fingerprint
     from .training.config import TrainConfig
     from .training.trainer import train
 

@@ -3,6 +3,7 @@ evaluating a model on a split (test, or query vs gallery where the data set has 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,13 +15,15 @@ from ..data import BadImageError, ImageDataset, ImageList, create_cgd_transform,
 from ..models.cgd_model import CGDModel, load_pretrained
 from ..retrieval.extract import extract_embeddings, save_embeddings
 from ..retrieval.metrics import DEFAULT_KS, evaluate_retrieval
+from ..retrieval.postprocess import PostProcess, evaluate_postprocessed
+from ..retrieval.whitening import Whitening, model_fingerprint
 from ..training.config import TrainConfig
 from ..utils.runtime import amp_dtype, resolve_device
 from ..utils.settings import add_options, count_or_fraction
 
-__all__ = ['RUNTIME_FIELDS', 'run_cli', 'parse_ks', 'parse_floats', 'add_data_args', 'load_data_splits',
-           'add_runtime_args', 'check_out_dir', 'load_checkpoint', 'eval_transform', 'evaluate_split', 'runtime_kwargs',
-           'print_metrics']
+__all__ = ['RUNTIME_FIELDS', 'run_cli', 'parse_ks', 'parse_floats', 'parse_rerank', 'check_qe', 'add_data_args',
+           'load_data_splits', 'add_runtime_args', 'check_out_dir', 'load_checkpoint', 'load_whitening',
+           'eval_transform', 'embed_split', 'evaluate_split', 'runtime_kwargs', 'print_metrics']
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, BadImageError,
                 FloatingPointError, KeyError, ImportError)
@@ -64,6 +67,27 @@ def parse_floats(text: str) -> Tuple[float, ...]:
         return tuple(float(s) for s in text.split(','))
     except ValueError:
         raise argparse.ArgumentTypeError(f'expected comma-separated numbers such as 1,0.75, got {text!r}') from None
+
+
+def parse_rerank(text: str) -> Tuple[int, int, float]:
+    """``'20,6,0.3'`` -> (20, 6, 0.3): the ``--rerank k1,k2,lambda`` option, raising a ValueError that names it."""
+    valid = 'k1,k2,lambda with positive ints k1, k2 and a real lambda in [0, 1], e.g. 20,6,0.3'
+    parts = text.split(',')
+    try:
+        k1, k2, lambda_value = int(parts[0]), int(parts[1]), float(parts[2])
+    except (ValueError, IndexError):
+        raise ValueError(f'--rerank must be {valid}, got {text!r}') from None
+    if len(parts) != 3 or k1 < 1 or k2 < 1 or not 0.0 <= lambda_value <= 1.0:
+        raise ValueError(f'--rerank must be {valid}, got {text!r}')
+    return k1, k2, lambda_value
+
+
+def check_qe(qe: int, qe_alpha: float) -> None:
+    """Raise a ValueError naming ``--qe`` / ``--qe-alpha`` unless ``qe >= 0`` and ``qe_alpha`` is a real >= 0."""
+    if qe < 0:
+        raise ValueError(f'--qe must be an int >= 0 (neighbours of query expansion, 0 = none), got {qe}')
+    if not (math.isfinite(qe_alpha) and qe_alpha >= 0):
+        raise ValueError(f'--qe-alpha must be a real >= 0 (0 = average QE; 3 is usual), got {qe_alpha}')
 
 
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -112,25 +136,55 @@ def load_checkpoint(directory: str, img_size: Optional[int] = None) -> Tuple[CGD
     return model, data_config
 
 
+def load_whitening(path: str, model_config: Dict[str, Any], option: str = '--whiten') -> Whitening:
+    """A saved whitening folder, refused unless it was learned for this model config (its fingerprint)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f'{option} {folder} is not a folder (a whitening saved by cgd-eval --whiten-out)')
+    whitening = Whitening.load(folder)
+    expected = model_fingerprint(model_config)
+    if whitening.fingerprint != expected:
+        raise ValueError(f'{option} {folder} was learned for another model (fingerprint {whitening.fingerprint}, '
+                         f'the checkpoint has {expected}); learn one with cgd-eval --learn-whitening --whiten-out')
+    return whitening
+
+
 def eval_transform(data_config: Dict[str, Any]) -> Callable:
     """The evaluation transform of a checkpoint's data config."""
     return create_cgd_transform(data_config, False, data_config['img_size'])
+
+
+def embed_split(model: torch.nn.Module, image_list: ImageList, data_config: Dict[str, Any], flip: bool = False,
+                scales: Sequence[float] = (1.0,), device: str = 'auto', amp: str = 'auto', batch_size: int = 128,
+                num_workers: int = 0, progress: bool = False,
+                skip_bad_images: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The embeddings and labels of ``image_list`` with the evaluation transform of ``data_config``."""
+    device = resolve_device(device)
+    dataset = ImageDataset(image_list, eval_transform(data_config), skip_bad_images=skip_bad_images)
+    return extract_embeddings(model, dataset, batch_size=batch_size, device=device, flip=flip, scales=scales,
+                              num_workers=num_workers, amp_dtype=amp_dtype(amp, device), progress=progress)
 
 
 def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_config: Dict[str, Any],
                    split: str = 'test', ks: Sequence[int] = DEFAULT_KS, flip: bool = False,
                    scales: Sequence[float] = (1.0,), save_to: Optional[str] = None, device: str = 'auto',
                    amp: str = 'auto', batch_size: int = 128, num_workers: int = 0, progress: bool = False,
-                   skip_bad_images: bool = False) -> Dict[str, float]:
+                   skip_bad_images: bool = False, postprocess: Optional[PostProcess] = None,
+                   nmi: bool = False) -> Dict[str, float]:
     """Recall@K and MAP@R of ``model`` on ``splits[split]``, query-vs-rest; query vs gallery for a data set with
-    those splits instead of a test split (In-shop). ``save_to`` also writes the split's embeddings."""
-    device = resolve_device(device)
-    transform = eval_transform(data_config)
+    those splits instead of a test split (In-shop). ``save_to`` also writes the split's embeddings (before any
+    post-processing); ``postprocess`` scores the post-processed ranking instead, ``nmi`` adds NMI."""
 
     def embed(image_list: ImageList) -> Tuple[torch.Tensor, torch.Tensor]:
-        return extract_embeddings(model, ImageDataset(image_list, transform, skip_bad_images=skip_bad_images),
-                                  batch_size=batch_size, device=device, flip=flip, scales=scales,
-                                  num_workers=num_workers, amp_dtype=amp_dtype(amp, device), progress=progress)
+        return embed_split(model, image_list, data_config, flip=flip, scales=scales, device=device, amp=amp,
+                           batch_size=batch_size, num_workers=num_workers, progress=progress,
+                           skip_bad_images=skip_bad_images)
+
+    def score(q: torch.Tensor, ql: torch.Tensor, g: Optional[torch.Tensor] = None,
+              gl: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        if postprocess is None:
+            return evaluate_retrieval(q, ql, ks=ks, gallery_embeddings=g, gallery_labels=gl, nmi=nmi)
+        return evaluate_postprocessed(q, ql, postprocess, ks=ks, gallery_embeddings=g, gallery_labels=gl, nmi=nmi)
 
     if split == 'test' and 'test' not in splits and {'query', 'gallery'} <= set(splits):
         split = 'query'  # In-shop: queries against the gallery
@@ -141,12 +195,12 @@ def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_co
         raise ValueError(f'the {split!r} split is empty: no evaluation classes')
     if split == 'query':
         (q, ql), (g, gl) = embed(splits['query']), embed(splits['gallery'])
-        return evaluate_retrieval(q, ql, ks=ks, gallery_embeddings=g, gallery_labels=gl)
+        return score(q, ql, g, gl)
     emb, labels = embed(splits[split])
     if save_to:
         save_embeddings(save_to, emb, labels, splits[split].paths,
                         {'model': getattr(model, 'config', {}), 'class_names': splits[split].class_names})
-    return evaluate_retrieval(emb, labels, ks=ks)
+    return score(emb, labels)
 
 
 def runtime_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
@@ -156,7 +210,8 @@ def runtime_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def print_metrics(title: str, metrics: Dict[str, float]) -> None:
-    keys = [k for k in metrics if k.startswith('recall@')] + ['precision@1', 'map@r']
+    keys = [k for k in metrics if k.startswith('recall@')] + ['precision@1', 'map@r'] + \
+        (['nmi'] if 'nmi' in metrics else [])
     print(title)
     print('| ' + ' | '.join(keys) + ' |\n|' + '---|' * len(keys))
     print('| ' + ' | '.join(f'{100 * metrics[k]:.2f}' for k in keys) + ' |')

@@ -1,15 +1,24 @@
-"""``cgd-eval``: Recall@K, precision@1 and MAP@R of a checkpoint on a data set's test split (or query/gallery)."""
+"""``cgd-eval``: Recall@K, precision@1 and MAP@R (and NMI) of a checkpoint on a data set's test split (or
+query/gallery), optionally after post-processing: whitening, DBA, alpha-QE and k-reciprocal re-ranking."""
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
+from ..data import ImageList
+from ..models.cgd_model import CGDModel
+from ..retrieval.postprocess import PostProcess
+from ..retrieval.whitening import Whitening, model_fingerprint
 from ..utils.atomic import atomic_write_json
-from .common import (add_data_args, add_runtime_args, evaluate_split, load_checkpoint, load_data_splits, parse_floats,
-                     parse_ks, print_metrics, run_cli, runtime_kwargs)
+from .common import (add_data_args, add_runtime_args, check_qe, embed_split, evaluate_split, load_checkpoint,
+                     load_data_splits, load_whitening, parse_floats, parse_ks, parse_rerank, print_metrics, run_cli,
+                     runtime_kwargs)
 
 __all__ = ['main', 'build_parser']
+
+#: ``--learn-whitening`` kinds: PCA rotation only, PCA whitening, supervised learned whitening.
+WHITENING_KINDS = ('pca', 'pca-whiten', 'learned')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,19 +32,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--scales', type=parse_floats, default=(1.0,), help='multi-scale factors, e.g. 1,0.7071')
     p.add_argument('--img-size', type=int, default=None, help='default: the size the model was trained at')
     p.add_argument('--output', help='write the metrics as JSON here')
-    p.add_argument('--save-embeddings', help='also write the embeddings of the split (.safetensors, for cgd-index)')
+    p.add_argument('--save-embeddings', help='also write the embeddings of the split (.safetensors, for cgd-index); '
+                                             'raw, before any post-processing')
+    p.add_argument('--nmi', action='store_true', help='also report NMI (k-means of the query embeddings)')
+    g = p.add_argument_group('post-processing (whitening -> DBA -> query expansion -> search or re-ranking)')
+    g.add_argument('--whiten', metavar='PATH', help='apply a saved whitening folder (learned for this checkpoint)')
+    g.add_argument('--learn-whitening', choices=WHITENING_KINDS,
+                   help='learn a whitening on the train split embeddings and apply it: pca (rotation), pca-whiten '
+                        '(PCA whitening) or learned (supervised, from the labels)')
+    g.add_argument('--whiten-dim', type=int, metavar='N', help='output dim of --learn-whitening (default: all)')
+    g.add_argument('--whiten-out', metavar='PATH', help='save the --learn-whitening result to this folder')
+    g.add_argument('--dba', type=int, default=0, metavar='N', help='database-side augmentation over N neighbours '
+                                                                   '(the item included); 0 = off')
+    g.add_argument('--qe', type=int, default=0, metavar='N', help='alpha query expansion over N neighbours; 0 = off')
+    g.add_argument('--qe-alpha', type=float, default=0.0, metavar='A',
+                   help='weight exponent of --qe and --dba (0 = plain average; 3 is usual)')
+    g.add_argument('--rerank', metavar='K1,K2,LAMBDA', help='k-reciprocal re-ranking, e.g. 20,6,0.3')
     add_runtime_args(p)
     return p
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    check_qe(args.qe, args.qe_alpha)
+    if args.dba < 0:
+        raise ValueError(f'--dba must be an int >= 0 (neighbours including the item, 0 = off), got {args.dba}')
+    if args.whiten and args.learn_whitening:
+        raise ValueError('pass at most one of --whiten PATH (a saved whitening) and --learn-whitening KIND')
+    if not args.learn_whitening and (args.whiten_dim is not None or args.whiten_out):
+        raise ValueError('--whiten-dim and --whiten-out need --learn-whitening {pca,pca-whiten,learned}')
+    if args.whiten_dim is not None and args.whiten_dim < 1:
+        raise ValueError(f'--whiten-dim must be a positive int, got {args.whiten_dim}')
+
+
+def _learn_whitening(args: argparse.Namespace, model: CGDModel, splits: Dict[str, ImageList],
+                     data_config: Dict[str, Any], embed_kwargs: Dict[str, Any]) -> Whitening:
+    """Fit ``--learn-whitening`` on the train split embeddings (made as the evaluated ones); save it if asked."""
+    if 'train' not in splits or len(splits['train']) == 0:
+        raise ValueError(f'--learn-whitening fits on the train split, but the data set has none (it has '
+                         f'{sorted(splits)}); for an image folder pass --train-classes')
+    emb, labels = embed_split(model, splits['train'], data_config, **embed_kwargs)
+    if args.whiten_dim is not None and args.whiten_dim > emb.shape[1]:
+        raise ValueError(f'--whiten-dim must be at most the embedding dim {emb.shape[1]}, got {args.whiten_dim}')
+    if args.learn_whitening == 'learned':
+        fitted = Whitening.fit_learned(emb, labels, args.whiten_dim)
+    else:
+        fitted = Whitening.fit_pca(emb, args.whiten_dim, whiten=args.learn_whitening == 'pca-whiten')
+    whitening = Whitening(fitted.mean, fitted.projection, fitted.kind, fitted.shrinkage,
+                          model_fingerprint(model.config))
+    if args.whiten_out:
+        whitening.save(args.whiten_out)
+        print(f'whitening ({args.learn_whitening}, {whitening.input_dim} -> {whitening.dim} dims) learned on '
+              f'{len(emb)} train images -> {args.whiten_out}')
+    return whitening
+
+
 def run(args: argparse.Namespace) -> None:
+    _check_options(args)
+    rerank = parse_rerank(args.rerank) if args.rerank else None
     model, data_config = load_checkpoint(args.checkpoint, args.img_size)
-    metrics = evaluate_split(model, load_data_splits(args), data_config, split=args.split, ks=args.ks,
-                             flip=args.flip, scales=args.scales, save_to=args.save_embeddings, **runtime_kwargs(args))
+    splits = load_data_splits(args)
+    embed_kwargs = dict(flip=args.flip, scales=args.scales, **runtime_kwargs(args))
+    if args.whiten:
+        whitening: Optional[Whitening] = load_whitening(args.whiten, model.config)
+    elif args.learn_whitening:
+        whitening = _learn_whitening(args, model, splits, data_config, embed_kwargs)
+    else:
+        whitening = None
+    postprocess = PostProcess(whitening, args.qe, args.qe_alpha, args.dba, rerank)
+    metrics = evaluate_split(model, splits, data_config, split=args.split, ks=args.ks, save_to=args.save_embeddings,
+                             postprocess=None if postprocess.is_identity else postprocess, nmi=args.nmi,
+                             **embed_kwargs)
     print_metrics(f'{args.checkpoint} on {args.data} ({args.split}, {metrics["num_queries"]} queries):', metrics)
     if args.output:
+        steps = {'whitening': args.whiten or args.learn_whitening, 'whiten_dim': whitening and whitening.dim,
+                 'dba': args.dba, 'qe': args.qe, 'qe_alpha': args.qe_alpha, 'rerank': rerank and list(rerank)}
         atomic_write_json(args.output, dict(metrics, checkpoint=str(args.checkpoint), data=str(args.data),
-                                            split=args.split, flip=args.flip, scales=list(args.scales)))
+                                            split=args.split, flip=args.flip, scales=list(args.scales),
+                                            postprocess=steps))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -12,7 +12,7 @@ from ..retrieval.index import RetrievalIndex
 from ..retrieval.index_types import INDEX_TYPES
 from ..utils.runtime import amp_dtype, resolve_device
 from .common import (add_data_args, add_runtime_args, check_out_dir, eval_transform, load_checkpoint,
-                     load_data_splits, run_cli)
+                     load_data_splits, load_whitening, run_cli)
 
 __all__ = ['main', 'build_parser']
 
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--split', default='test', help='with --data: the split to index')
     p.add_argument('--out', required=True, help='index folder to write')
     p.add_argument('--index-type', default='flat', choices=list(INDEX_TYPES))
+    p.add_argument('--whiten', metavar='PATH', help='store the embeddings through this saved whitening (cgd-eval '
+                                                    '--whiten-out; learned for this model); searches apply it too')
     add_runtime_args(p)
     return p
 
@@ -50,10 +52,20 @@ def _index_embeddings_file(args: argparse.Namespace) -> None:
         raise ValueError('pass one of --embeddings, --images or --data')
     emb, labels, paths, meta = load_embeddings(args.embeddings)
     metadata = dict(meta, checkpoint=str(Path(args.checkpoint).resolve())) if args.checkpoint else meta
+    whitening = None
+    if args.whiten:
+        if not isinstance(metadata.get('model'), dict):
+            raise ValueError(f'--whiten needs the model config to check the whitening against, but --embeddings '
+                             f'{args.embeddings} records none (write it with cgd-eval --save-embeddings)')
+        whitening = load_whitening(args.whiten, metadata['model'])
     index = RetrievalIndex.build(emb, labels=None if labels is None else labels.tolist(), paths=paths,
-                                 index_type=args.index_type, metadata=metadata)
+                                 index_type=args.index_type, metadata=metadata, whitening=whitening)
     index.save(args.out)
-    print(f'indexed {len(index)} embeddings ({index.dim}-d, {args.index_type}) -> {args.out}')
+    print(f'indexed {len(index)} embeddings ({_dims(index)}, {args.index_type}) -> {args.out}')
+
+
+def _dims(index: RetrievalIndex) -> str:
+    return f'{index.dim}-d' if index.whitening is None else f'{index.input_dim}-d whitened to {index.dim}-d'
 
 
 def run(args: argparse.Namespace) -> None:
@@ -63,6 +75,7 @@ def run(args: argparse.Namespace) -> None:
     if not args.checkpoint:
         raise ValueError('--checkpoint is required to embed --images or --data')
     model, data_config = load_checkpoint(args.checkpoint)
+    whitening = load_whitening(args.whiten, model.config) if args.whiten else None
     dataset = ImageDataset(_gallery(args), eval_transform(data_config), skip_bad_images=args.skip_bad_images)
     device = resolve_device(args.device)
     emb, labels = extract_embeddings(model, dataset, batch_size=args.batch_size, device=device,
@@ -70,9 +83,9 @@ def run(args: argparse.Namespace) -> None:
                                      progress=not args.quiet)
     index = RetrievalIndex.build(emb, labels=labels.tolist(), paths=dataset.paths, index_type=args.index_type,
                                  metadata={'model': model.config, 'checkpoint': str(Path(args.checkpoint).resolve()),
-                                           'class_names': dataset.class_names})
+                                           'class_names': dataset.class_names}, whitening=whitening)
     index.save(args.out)
-    print(f'indexed {len(index)} images ({index.dim}-d, {args.index_type}) -> {args.out}')
+    print(f'indexed {len(index)} images ({_dims(index)}, {args.index_type}) -> {args.out}')
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -11,7 +11,7 @@ from ..data import ImageDataset, ImageList
 from ..retrieval.extract import extract_embeddings
 from ..retrieval.index import RetrievalIndex, SearchHit
 from ..retrieval.visualize import save_retrieval_grid
-from .common import eval_transform, load_checkpoint, run_cli
+from .common import check_qe, eval_transform, load_checkpoint, run_cli
 
 __all__ = ['main', 'build_parser']
 
@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--index', required=True, help='index folder written by cgd-index')
     p.add_argument('--checkpoint', help='checkpoint folder; default: the one the index was built with')
     p.add_argument('-k', '--k', type=int, default=5)
+    p.add_argument('--qe', type=int, default=0, metavar='N',
+                   help='alpha query expansion over the N best gallery items, then search again; 0 = off')
+    p.add_argument('--qe-alpha', type=float, default=0.0, metavar='A',
+                   help='weight exponent of --qe (0 = plain average; 3 is usual)')
     p.add_argument('--grid', help='write a retrieval grid PNG here')
     p.add_argument('--json', action='store_true', help='print JSON instead of text')
     p.add_argument('--device', default='auto')
@@ -40,6 +44,7 @@ def _rows(queries: List[str], hits: List[List[SearchHit]], names: List[str]) -> 
 def run(args: argparse.Namespace) -> None:
     if args.k < 1:
         raise ValueError(f'--k must be >= 1, got {args.k}')
+    check_qe(args.qe, args.qe_alpha)
     index = RetrievalIndex.load(args.index)
     checkpoint = args.checkpoint or index.metadata.get('checkpoint')
     if not checkpoint:
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
     queries = ImageList([str(Path(q).resolve()) for q in args.queries], [0] * len(args.queries), ['query'])
     emb, _ = extract_embeddings(model, ImageDataset(queries, eval_transform(data_config)), device=args.device,
                                 progress=False)
-    hits = index.search_hits(emb, k=args.k)
+    hits = index.search_hits(emb, k=args.k, qe=args.qe, qe_alpha=args.qe_alpha)
     results = _rows(queries.paths, hits, index.metadata.get('class_names') or [])
     if args.json:
         print(json.dumps(results, indent=2))

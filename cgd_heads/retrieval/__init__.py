@@ -7,14 +7,15 @@ from .extract import extract_embeddings, load_embeddings, save_embeddings
 from .index import RetrievalIndex, SearchHit
 from .index_types import INDEX_TYPES
 from .metrics import evaluate_retrieval
+from .postprocess import PostProcess, evaluate_postprocessed
 from .query_expansion import database_augmentation, query_expansion
 from .rerank import k_reciprocal_rerank_dense, k_reciprocal_rerank_sparse
 from .shards import ShardedIndex, ShardHit, index_to_gpu
 from .visualize import save_retrieval_grid
-from .whitening import Whitening
+from .whitening import Whitening, model_fingerprint
 
-__all__ = ['INDEX_TYPES', 'RetrievalIndex', 'SearchHit', 'ShardHit', 'ShardedIndex', 'UNIT_NORM_TOLERANCE', 'Whitening',
-           'database_augmentation', 'evaluate_retrieval', 'extract_embeddings', 'index_to_gpu',
-           'k_reciprocal_rerank_dense', 'k_reciprocal_rerank_sparse', 'load_embeddings', 'nmi_from_clusters',
-           'normalized_mutual_info', 'query_expansion', 'save_embeddings', 'save_retrieval_grid',
-           'to_embedding_array']
+__all__ = ['INDEX_TYPES', 'PostProcess', 'RetrievalIndex', 'SearchHit', 'ShardHit', 'ShardedIndex',
+           'UNIT_NORM_TOLERANCE', 'Whitening', 'database_augmentation', 'evaluate_postprocessed', 'evaluate_retrieval',
+           'extract_embeddings', 'index_to_gpu', 'k_reciprocal_rerank_dense', 'k_reciprocal_rerank_sparse',
+           'load_embeddings', 'model_fingerprint', 'nmi_from_clusters', 'normalized_mutual_info', 'query_expansion',
+           'save_embeddings', 'save_retrieval_grid', 'to_embedding_array']

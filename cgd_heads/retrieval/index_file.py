@@ -9,11 +9,15 @@ from typing import Any, Dict
 
 from .index_types import INDEX_TYPES
 
-__all__ = ['FORMAT_VERSION', 'METADATA_FILE', 'METRIC', 'sha256', 'is_plain_file_name', 'check_info',
-           'compare_metadata']
+__all__ = ['FORMAT_VERSION', 'WHITENED_FORMAT_VERSION', 'METADATA_FILE', 'METRIC', 'sha256', 'is_plain_file_name',
+           'check_info', 'compare_metadata']
 
-#: Version of the ``index.json`` layout; :meth:`RetrievalIndex.load` refuses any other.
+#: Version of the ``index.json`` layout of an index without a whitening (unchanged since 0.1.0).
 FORMAT_VERSION = 1
+#: Version of the layout of an index that stores a whitening (an extra ``whitening`` field naming its folder):
+#: versions that predate whitening refuse it instead of searching unwhitened queries against whitened vectors.
+#: :meth:`RetrievalIndex.load` reads both and refuses any other.
+WHITENED_FORMAT_VERSION = 2
 #: Name of the JSON file describing a saved index.
 METADATA_FILE = 'index.json'
 #: The only metric: inner product of unit vectors (cosine similarity).
@@ -38,9 +42,10 @@ def check_info(info: Any, json_path: Path) -> Dict[str, Any]:
     if not isinstance(info, dict):
         raise ValueError(f'{json_path} must hold a JSON object, got {type(info).__name__}')
     version = info.get('format_version')
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, WHITENED_FORMAT_VERSION) or isinstance(version, bool):
         raise ValueError(
-            f'{json_path} has format_version {version!r}; this version of cgd_heads reads {FORMAT_VERSION}'
+            f'{json_path} has format_version {version!r}; this version of cgd_heads reads {FORMAT_VERSION} and '
+            f'{WHITENED_FORMAT_VERSION}'
         )
     expected_types = {
         'index_file': str, 'index_sha256': str, 'dim': int, 'count': int, 'index_type': str, 'metric': str,
@@ -62,7 +67,24 @@ def check_info(info: Any, json_path: Path) -> Dict[str, Any]:
     for key in ('labels', 'paths'):
         if len(info[key]) != info['count']:
             raise ValueError(f'{json_path} has {len(info[key])} {key} but count={info["count"]}')
+    _check_whitening_field(info, version, json_path)
     return info
+
+
+def _check_whitening_field(info: Dict[str, Any], version: int, json_path: Path) -> None:
+    """Version 2 names its whitening folder (a plain name) and the SHA-256 of its JSON; version 1 has none."""
+    record = info.get('whitening')
+    if version == FORMAT_VERSION:
+        if record is not None:
+            raise ValueError(f'{json_path} has a whitening field, which format_version {FORMAT_VERSION} cannot hold')
+        return
+    if not isinstance(record, dict) or not isinstance(record.get('folder'), str) \
+            or not isinstance(record.get('sha256'), str):
+        raise ValueError(f'{json_path} (format_version {version}) must have a whitening field with the str keys '
+                         f'folder and sha256, got {record!r:.80}')
+    if not is_plain_file_name(record['folder']):
+        raise ValueError(f'{json_path} field whitening.folder must be a folder name in the same folder, got '
+                         f'{record["folder"]!r}')
 
 
 def compare_metadata(stored: Dict[str, Any], expected: Dict[str, Any], json_path: Path) -> None:

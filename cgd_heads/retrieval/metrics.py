@@ -32,7 +32,7 @@ on top of a 600 MB index for 100k x 1536, which faiss holds as its own copy of t
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -151,31 +151,96 @@ def evaluate_retrieval(
         ValueError: empty or mis-shaped input, non-finite or non-unit embeddings, dims or lengths that
             disagree, a K larger than the ranked gallery, or no query with any same-class gallery item.
     """
+    queries, query_labels, gallery, gallery_label_arr, ks, chunk_size, max_r = check_inputs(
+        embeddings, labels, ks, gallery_embeddings, gallery_labels, chunk_size, max_r, normalize)
+    protocol = retrieval_protocol(query_labels, gallery_label_arr, ks, max_r, gallery_embeddings is None)
+    results = search_metrics(queries, gallery, protocol, chunk_size)
+    if nmi:
+        results['nmi'] = normalized_mutual_info(queries, query_labels)
+    return results
+
+
+def check_inputs(embeddings: ArrayLike, labels: Any, ks: Any, gallery_embeddings: Optional[ArrayLike],
+                 gallery_labels: Any, chunk_size: Any, max_r: Any, normalize: bool) -> Tuple[Any, ...]:
+    """The arguments of :func:`evaluate_retrieval`, checked: ``(queries, query_labels, gallery, gallery_labels, ks,
+    chunk_size, max_r)``, the gallery being the queries themselves (query-vs-rest) when none is given."""
     queries = to_embedding_array(embeddings, 'embeddings', normalize)
     query_labels = _as_labels(labels, len(queries), 'labels')
     ks = _check_ks(ks)
     chunk_size = check_int(chunk_size, 'chunk_size')
     max_r = check_int(max_r, 'max_r', allow_none=True)
     gallery, gallery_label_arr = _gallery(queries, query_labels, gallery_embeddings, gallery_labels, normalize)
-    exclude_self = gallery_embeddings is None
-    ranked = len(gallery) - int(exclude_self)  # gallery items each query ranks
+    return queries, query_labels, gallery, gallery_label_arr, ks, chunk_size, max_r
+
+
+class Protocol(NamedTuple):
+    """What the metrics of one evaluation need besides the ranking: class codes, R per query, and which queries
+    are averaged over (R >= 1)."""
+    ks: Tuple[int, ...]
+    query_codes: np.ndarray
+    gallery_codes: np.ndarray
+    r: np.ndarray  # same-class gallery items per query (itself not counted)
+    r_used: np.ndarray  # R' = min(R, max_r)
+    evaluated: np.ndarray  # query rows with R >= 1
+    exclude_self: bool
+
+    @property
+    def list_length(self) -> int:
+        """Ranks every evaluated query must have for the metrics: ``max(max(ks), max R')``."""
+        return max(self.ks[-1], int(self.r_used[self.evaluated].max()))
+
+
+def retrieval_protocol(query_labels: np.ndarray, gallery_labels: np.ndarray, ks: Tuple[int, ...],
+                       max_r: Optional[int], exclude_self: bool) -> Protocol:
+    """Check the largest K against the items a query ranks and count R per query; ``exclude_self``: query-vs-rest
+    (query i is gallery item i, never ranked for itself)."""
+    ranked = len(gallery_labels) - int(exclude_self)  # gallery items each query ranks
     if ks[-1] > ranked:
         where = 'N - 1 other items (query-vs-rest)' if exclude_self else 'gallery items'
         raise ValueError(f'ks must not exceed the {ranked} {where}, got K={ks[-1]} in ks={ks}')
-    query_codes, gallery_codes, r = _class_counts(query_labels, gallery_label_arr, exclude_self)
-    evaluated = np.flatnonzero(r > 0)
+    query_codes, gallery_codes, r = _class_counts(query_labels, gallery_labels, exclude_self)
     r_used = r if max_r is None else np.minimum(r, max_r)
+    return Protocol(ks, query_codes, gallery_codes, r, r_used, np.flatnonzero(r > 0), exclude_self)
+
+
+def search_metrics(queries: np.ndarray, gallery: np.ndarray, protocol: Protocol, chunk_size: int) -> Dict[str, Any]:
+    """The metric dict of :func:`evaluate_retrieval` from an exact faiss search of ``queries`` against
+    ``gallery`` (checked arrays); with ``protocol.exclude_self`` query i never ranks gallery item i, whether or not
+    the two vectors are equal (e.g. an expanded query against the collection it came from)."""
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(gallery)
-    relevant_rows = _relevance_chunks(index, queries, query_codes, gallery_codes, evaluated, r_used, ks, chunk_size,
-                                      exclude_self)
-    results = _scores(relevant_rows, ks, r_used)
+    relevant_rows = _relevance_chunks(index, queries, protocol.query_codes, protocol.gallery_codes,
+                                      protocol.evaluated, protocol.r_used, protocol.ks, chunk_size,
+                                      protocol.exclude_self)
+    return metrics_from_relevance(relevant_rows, protocol, len(gallery))
+
+
+def ranking_metrics(ids: np.ndarray, protocol: Protocol) -> Dict[str, Any]:
+    """The metric dict of :func:`evaluate_retrieval` from ranked gallery ids: ``ids[i]`` the gallery items of query
+    i, best first, with at least ``protocol.list_length`` columns (rows of unevaluated queries are not read)."""
+    length = protocol.list_length
+    if ids.ndim != 2 or ids.shape[1] < length:
+        raise ValueError(f'ids must have at least {length} columns (max K and the largest R), got shape {ids.shape}')
+    step = max(1, MAX_RESULTS_PER_CALL // length)
+
+    def chunks() -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(protocol.evaluated), step):
+            rows = protocol.evaluated[start:start + step]
+            yield rows, protocol.gallery_codes[ids[rows, :length]] == protocol.query_codes[rows][:, None]
+
+    return metrics_from_relevance(chunks(), protocol, len(protocol.gallery_codes))
+
+
+def metrics_from_relevance(relevant_rows: Iterator[Tuple[np.ndarray, np.ndarray]], protocol: Protocol,
+                           num_gallery: int) -> Dict[str, Any]:
+    """Recall@K, precision@1, MAP@R and the counts of :func:`evaluate_retrieval` from chunks of (evaluated query
+    rows, rel(i) over their first ranks, at least ``max(K, R')`` columns)."""
+    evaluated, r, r_used = protocol.evaluated, protocol.r, protocol.r_used
+    results: Dict[str, Any] = _scores(relevant_rows, protocol.ks, r_used)
     results['num_queries'] = int(len(evaluated))
-    results['num_queries_without_positive'] = int(len(queries) - len(evaluated))
-    results['num_gallery'] = int(len(gallery))
+    results['num_queries_without_positive'] = int(len(r) - len(evaluated))
+    results['num_gallery'] = int(num_gallery)
     results['num_queries_r_capped'] = int((r[evaluated] > r_used[evaluated]).sum())
-    if nmi:
-        results['nmi'] = normalized_mutual_info(queries, query_labels)
     return results
 
 

@@ -31,7 +31,8 @@ class ShardedIndex:
     """Several :class:`RetrievalIndex` shards of the same embedding space, searched as one.
 
     Args:
-        shards: The indexes; same dimension, and (when they record one) the same model metadata.
+        shards: The indexes; same dimension, the same whitening (or none), and (when they record one) the same
+            model metadata.
     """
 
     def __init__(self, shards: Sequence[RetrievalIndex]):
@@ -44,6 +45,13 @@ class ShardedIndex:
         if len(models) > 1:
             raise ValueError('the shards were built with different models (metadata["model"] differs): their '
                              'scores are not comparable')
+        first = shards[0].whitening
+        for shard in shards[1:]:
+            other = shard.whitening
+            if (first is None) != (other is None) or (first is not None and not (
+                    np.array_equal(first.mean, other.mean) and np.array_equal(first.projection, other.projection))):
+                raise ValueError('the shards store vectors through different whitenings (or some through none): '
+                                 'their scores are not comparable')
         self.shards = list(shards)
 
     @classmethod

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+import hashlib
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -26,7 +27,7 @@ from .arrays import ArrayLike, to_embedding_array
 from .checks import as_labels, check_real
 from .index_file import sha256
 
-__all__ = ['Whitening', 'WEIGHTS_FILE', 'METADATA_FILE', 'EIGENVALUE_FLOOR']
+__all__ = ['Whitening', 'model_fingerprint', 'WEIGHTS_FILE', 'METADATA_FILE', 'EIGENVALUE_FLOOR']
 
 #: Tensor file of a saved whitening.
 WEIGHTS_FILE = 'whitening.safetensors'
@@ -225,6 +226,29 @@ class Whitening:
             )
         mean, projection = _read_tensors(directory, info)
         return cls(mean, projection, info['kind'], info['shrinkage'], info['fingerprint'])
+
+
+def model_fingerprint(model_config: Mapping[str, Any]) -> str:
+    """The fingerprint a whitening learned on a model's embeddings records: ``'sha256:'`` and the SHA-256 of the
+    model config as canonical JSON (sorted keys, no spaces).
+
+    It identifies the model the way a saved index does (its metadata holds the same config, compared on load): the
+    architecture and head settings, not the trained weights, so two runs of one configuration share it.
+
+    Args:
+        model_config: The config of a :class:`~cgd_heads.models.cgd_model.CGDModel` (``model.config``), a
+            JSON-serialisable mapping.
+
+    Raises:
+        TypeError: ``model_config`` is not a mapping or not JSON-serialisable.
+    """
+    if not isinstance(model_config, Mapping):
+        raise TypeError(f'model_config must be a dict, got {type(model_config).__name__}')
+    try:
+        text = json.dumps(dict(model_config), sort_keys=True, separators=(',', ':'), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f'model_config must be JSON-serialisable: {exc}') from exc
+    return 'sha256:' + hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
 def _check_fingerprint(value: Any, name: str) -> Optional[str]:

@@ -4,6 +4,7 @@ import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cgd_heads.cli import eval_main, index_main, search_main, train_main
@@ -117,3 +118,96 @@ def test_demo_runs_end_to_end_in_a_tiny_configuration(tmp_path, capsys):
     assert f'Zero-shot retrieval on {unseen} query images' in printed
     index = RetrievalIndex.load(out / 'index')
     assert len(index) == unseen and (out / 'retrieval_grid.png').is_file() and (out / 'run' / 'best').is_dir()
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A 1-epoch checkpoint on the shapes data (6 train classes, 2 test classes of 6 images), made once."""
+    from conftest import write_shapes_folder
+    root = tmp_path_factory.mktemp('postprocess')
+    data = write_shapes_folder(root / 'shapes')
+    args = ['--data', str(data), '--train-classes', '6', '--val-classes', '0', '--no-test', '--out', str(root / 'run'),
+            *TRAIN, '--epochs', '1']
+    assert train_main(args) == 0
+    return data, root / 'run' / 'best'
+
+
+def test_eval_learns_and_applies_post_processing_and_index_search_use_it(trained, tmp_path, capsys):
+    from cgd_heads import (CGDModel, PostProcess, RetrievalIndex, Whitening, evaluate_postprocessed,
+                           model_fingerprint)
+    from cgd_heads.retrieval.extract import load_embeddings
+    data, checkpoint = trained
+    common = ['--checkpoint', str(checkpoint), '--data', str(data), '--train-classes', '6', '--ks', '1,2',
+              '--num-workers', '0', '--quiet']
+    steps = ['--dba', '2', '--qe', '2', '--qe-alpha', '3', '--rerank', '4,2,0.3', '--nmi']
+    assert eval_main([*common, *steps, '--learn-whitening', 'learned', '--whiten-dim', '8',
+                      '--whiten-out', str(tmp_path / 'white'), '--output', str(tmp_path / 'learned.json'),
+                      '--save-embeddings', str(tmp_path / 'emb.safetensors')]) == 0
+    out = capsys.readouterr().out
+    assert 'whitening (learned, 16 -> 8 dims) learned on 36 train images' in out and '| nmi |' in out
+    learned = json.loads((tmp_path / 'learned.json').read_text())
+    assert learned['postprocess'] == {'whitening': 'learned', 'whiten_dim': 8, 'dba': 2, 'qe': 2, 'qe_alpha': 3.0,
+                                      'rerank': [4, 2, 0.3]}
+    config = CGDModel.from_pretrained(checkpoint).config
+    whitening = Whitening.load(tmp_path / 'white', expected_fingerprint=model_fingerprint(config))
+    # the printed metrics are the library's on the (raw) saved test embeddings with the same steps
+    emb, labels, _, _ = load_embeddings(tmp_path / 'emb.safetensors')
+    expected = evaluate_postprocessed(emb, labels, PostProcess(whitening, 2, 3.0, 2, (4, 2, 0.3)), ks=(1, 2), nmi=True)
+    assert {k: learned[k] for k in expected} == pytest.approx(expected)
+    # the saved whitening applied again gives the same result
+    assert eval_main([*common, *steps, '--whiten', str(tmp_path / 'white'), '--output',
+                      str(tmp_path / 'saved.json')]) == 0
+    saved = json.loads((tmp_path / 'saved.json').read_text())
+    assert {k: saved[k] for k in expected} == pytest.approx(expected)
+
+    assert index_main(['--embeddings', str(tmp_path / 'emb.safetensors'), '--whiten', str(tmp_path / 'white'),
+                       '--out', str(tmp_path / 'emb_index')]) == 0
+    assert '(16-d whitened to 8-d, flat)' in capsys.readouterr().out
+    assert index_main(['--checkpoint', str(checkpoint), '--images', str(data), '--whiten', str(tmp_path / 'white'),
+                       '--out', str(tmp_path / 'index'), '--num-workers', '0', '--quiet']) == 0
+    index = RetrievalIndex.load(tmp_path / 'index')
+    assert (index.dim, index.input_dim, index.whitening.fingerprint) == (8, 16, model_fingerprint(config))
+    capsys.readouterr()
+    query = data / 'class_07' / '0.png'
+    assert search_main([str(query), '--index', str(tmp_path / 'index'), '--k', '3', '--qe', '2', '--qe-alpha', '3',
+                        '--json']) == 0
+    top = json.loads(capsys.readouterr().out)[0]['results']
+    assert len(top) == 3 and top[0]['path'] == str(query) and top[0]['label'] == 'class_07'
+
+
+@pytest.mark.parametrize('main, extra, message', [
+    (eval_main, ['--rerank', '20,6'], '--rerank must be k1,k2,lambda with positive ints'),
+    (eval_main, ['--rerank', '20,6,1.5'], '--rerank must be k1,k2,lambda'),
+    (eval_main, ['--qe', '-1'], '--qe must be an int >= 0'),
+    (eval_main, ['--qe-alpha', '-2'], '--qe-alpha must be a real >= 0'),
+    (eval_main, ['--dba', '-1'], '--dba must be an int >= 0'),
+    (eval_main, ['--whiten', 'W', '--learn-whitening', 'pca'], 'pass at most one of --whiten PATH'),
+    (eval_main, ['--whiten-dim', '4'], '--whiten-dim and --whiten-out need --learn-whitening'),
+    (eval_main, ['--learn-whitening', 'pca', '--whiten-dim', '99'], '--whiten-dim must be at most the embedding'),
+    (eval_main, ['--whiten', 'OTHER'], 'was learned for another model'),
+    (eval_main, ['--whiten', 'MISSING'], '--whiten MISSING is not a folder'),
+    (index_main, ['--whiten', 'OTHER'], 'was learned for another model'),
+    (search_main, ['--qe', '-3'], '--qe must be an int >= 0'),
+])
+def test_post_processing_options_fail_in_one_line(main, extra, message, trained, tmp_path, capsys):
+    from cgd_heads import Whitening
+    data, checkpoint = trained
+    other = Whitening.fit_pca(np.eye(16, dtype=np.float32), dim=4)
+    other.save(tmp_path / 'other', fingerprint='sha256:another-model')
+    extra = [str(tmp_path / 'other') if a == 'OTHER' else str(tmp_path / 'missing') if a == 'MISSING' else a
+             for a in extra]
+    message = message.replace('MISSING', str(tmp_path / 'missing'))
+    if main is search_main:
+        assert index_main(['--checkpoint', str(checkpoint), '--images', str(data), '--out', str(tmp_path / 'index'),
+                           '--num-workers', '0', '--quiet']) == 0
+        args = [str(data / 'class_00' / '0.png'), '--index', str(tmp_path / 'index'), *extra]
+    elif main is index_main:
+        args = ['--checkpoint', str(checkpoint), '--images', str(data), '--out', str(tmp_path / 'index'),
+                '--num-workers', '0', '--quiet', *extra]
+    else:
+        args = ['--checkpoint', str(checkpoint), '--data', str(data), '--train-classes', '6', '--num-workers', '0',
+                '--quiet', *extra]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ': error: ' in err[0] and message in err[0], err
