@@ -19,7 +19,8 @@ seeds. Writes ``benchmarks/results/<dataset>_<table>.md`` (+ ``.json``) and a PN
 
 Tables: loss (ranking / classification / both), tricks (label smoothing, temperature), architecture (A / B / CGD),
 combination (concat / sum), descriptors (S, M, G, SM, MS, SG, GS, MG, GM, SMG, GAP+FC baseline, off-the-shelf
-pooled features), stride (stripped / dilated / untouched backbone).
+pooled features), stride (stripped / dilated / untouched backbone), off_the_shelf (pretrained features pooled by
+GAP / MAC / GeM without training, last stride untouched and stripped: the reference for fine-tuning).
 """
 from __future__ import annotations
 
@@ -93,6 +94,11 @@ TABLES: Dict[str, List[Row]] = {
                     ('off-the-shelf GeM p=3 (no training)', {'off_the_shelf': 3.0}),
                     ('GAP + FC, ranking loss only', {'descriptors': 'S', 'aux_weight': 0.0}),
                     *[(d, {'descriptors': d}) for d in ('S', 'M', 'G', 'SM', 'MS', 'SG', 'GS', 'MG', 'GM', 'SMG')]],
+    # the reference fine-tuning must beat: pretrained features pooled without training, the last stride as it is
+    # and stripped (which of the two is better depends on the resolution; compare with the better)
+    'off_the_shelf': [(f'{pool}, {where}', {'off_the_shelf': p, 'stride_mode': mode})
+                      for mode, where in ((None, 'stride untouched (32)'), ('strip', 'stride stripped (16)'))
+                      for pool, p in (('GAP', 1.0), ('MAC', float('inf')), ('GeM p=3', 3.0))],
     'stride': [('stripped (stride 1, the paper)', {'stride_mode': 'strip'}),
                ('dilated (output stride 16)', {'stride_mode': 'dilate'}),
                ('untouched (output stride 32)', {'stride_mode': None})],

