@@ -231,10 +231,11 @@ def off_the_shelf(features: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def run_row(overrides: Dict[str, object], base: HeadTrainConfig, feats, seed: int) -> Dict[str, float]:
-    (train_x, train_y), (test_x, test_y) = feats['train'], feats['test']
+    test_x, test_y = feats['test']
     if 'off_the_shelf' in overrides:
         embeddings = off_the_shelf(test_x, float(overrides['off_the_shelf']))
     else:
+        train_x, train_y = feats['train']
         fields = {k: v for k, v in overrides.items() if k != 'stride_mode'}
         config = dataclasses.replace(base, seed=seed, **fields)
         embeddings = embed_features(train_head(config, train_x, train_y), test_x)
@@ -356,9 +357,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         features: Dict[Optional[str], Tuple[dict, dict]] = {}
         for label, overrides in selected_rows(args):
             stride = overrides.get('stride_mode', 'strip')
-            if stride not in features:
+            if stride not in features:  # off-the-shelf rows need only the test split's maps
+                names = ('test',) if all('off_the_shelf' in o for _, o in selected_rows(args)) else ('train', 'test')
                 features[stride] = load_features(args.dataset, stride, args.limit_classes, args.device,
-                                                 args.img_size)
+                                                 args.img_size, names=names)
             seeds = args.seeds[:1] if 'off_the_shelf' in overrides else args.seeds  # deterministic: one run
             record(label, [run_row(overrides, base, features[stride][0], seed) for seed in seeds])
         info = next(iter(features.values()))[1]
