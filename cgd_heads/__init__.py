@@ -29,6 +29,11 @@ _EXPORTS = {
     'CGDLoss': 'cgd_heads.losses.cgd_loss',
     'RetrievalIndex': 'cgd_heads.retrieval.index',
     'ShardedIndex': 'cgd_heads.retrieval.shards',
+    'EmbeddingUnits': 'cgd_heads.retrieval.units',
+    'load_units': 'cgd_heads.retrieval.units',
+    'extract_units': 'cgd_heads.retrieval.distributed_extract',
+    'build_index_from_units': 'cgd_heads.retrieval.unit_index',
+    'load_index': 'cgd_heads.retrieval.unit_index',
     'evaluate_retrieval': 'cgd_heads.retrieval.metrics',
     'PostProcess': 'cgd_heads.retrieval.postprocess',
     'evaluate_postprocessed': 'cgd_heads.retrieval.postprocess',
@@ -46,13 +51,13 @@ _EXPORTS = {
 }
 
 __all__ = [
-    'AuxSoftmaxHead', 'CGDHead', 'CGDLoss', 'CGDModel', 'ConcatFCHead', 'GeneralizedPooling', 'PostProcess',
-    'RetrievalIndex', 'ShardedIndex', 'TrainConfig', 'Whitening', '__version__', 'create_model',
-    'database_augmentation', 'evaluate_postprocessed', 'evaluate_retrieval', 'export_onnx', 'extract_embeddings',
-    'feature_map_size',
-    'generalized_mean', 'k_reciprocal_rerank_dense', 'k_reciprocal_rerank_sparse', 'load_pretrained',
-    'model_fingerprint', 'nmi_from_clusters', 'normalized_mutual_info', 'query_expansion', 'save_pretrained',
-    'strip_last_stride', 'train',
+    'AuxSoftmaxHead', 'CGDHead', 'CGDLoss', 'CGDModel', 'ConcatFCHead', 'EmbeddingUnits', 'GeneralizedPooling',
+    'PostProcess', 'RetrievalIndex', 'ShardedIndex', 'TrainConfig', 'Whitening', '__version__',
+    'build_index_from_units', 'create_model', 'database_augmentation', 'evaluate_postprocessed', 'evaluate_retrieval',
+    'export_onnx', 'extract_embeddings', 'extract_units', 'feature_map_size',
+    'generalized_mean', 'k_reciprocal_rerank_dense', 'k_reciprocal_rerank_sparse', 'load_index', 'load_pretrained',
+    'load_units', 'model_fingerprint', 'nmi_from_clusters', 'normalized_mutual_info', 'query_expansion',
+    'save_pretrained', 'strip_last_stride', 'train',
 ]
 
 if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
@@ -65,6 +70,7 @@ if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
     from .models.export import export_onnx
     from .models.stride import feature_map_size, strip_last_stride
     from .retrieval.clustering import nmi_from_clusters, normalized_mutual_info
+    from .retrieval.distributed_extract import extract_units
     from .retrieval.extract import extract_embeddings
     from .retrieval.index import RetrievalIndex
     from .retrieval.metrics import evaluate_retrieval
@@ -72,6 +78,8 @@ if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
     from .retrieval.query_expansion import database_augmentation, query_expansion
     from .retrieval.rerank import k_reciprocal_rerank_dense, k_reciprocal_rerank_sparse
     from .retrieval.shards import ShardedIndex
+    from .retrieval.unit_index import build_index_from_units, load_index
+    from .retrieval.units import EmbeddingUnits, load_units
     from .retrieval.whitening import Whitening, model_fingerprint
     from .training.config import TrainConfig
     from .training.trainer import train

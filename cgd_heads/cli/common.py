@@ -3,27 +3,37 @@ evaluating a model on a split (test, or query vs gallery where the data set has 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..data import BadImageError, ImageDataset, ImageList, create_cgd_transform, load_splits
+from ..data.image_io import verify_image
 from ..models.cgd_model import CGDModel, load_pretrained
+from ..retrieval.distributed_extract import extract_units, rank_device
 from ..retrieval.extract import extract_embeddings, save_embeddings
 from ..retrieval.metrics import DEFAULT_KS, evaluate_retrieval
 from ..retrieval.postprocess import PostProcess, evaluate_postprocessed
+from ..retrieval.units import DEFAULT_UNIT_SIZE, MANIFEST_FILE, EmbeddingUnits
 from ..retrieval.whitening import Whitening, model_fingerprint
 from ..training.config import TrainConfig
+from ..utils.distributed import DistributedContext, init_distributed
 from ..utils.runtime import amp_dtype, resolve_device
 from ..utils.settings import add_options, count_or_fraction
 
 __all__ = ['RUNTIME_FIELDS', 'run_cli', 'parse_ks', 'parse_floats', 'parse_rerank', 'check_qe', 'add_data_args',
            'load_data_splits', 'add_runtime_args', 'check_out_dir', 'load_checkpoint', 'load_whitening',
-           'eval_transform', 'embed_split', 'evaluate_split', 'runtime_kwargs', 'print_metrics']
+           'eval_transform', 'embed_split', 'evaluate_split', 'runtime_kwargs', 'print_metrics', 'add_units_args',
+           'check_units_args', 'join_processes', 'leave_processes', 'extract_list_units', 'resolve_eval_splits']
+
+#: Embeddings as :func:`evaluate_split` gets them for a split: ``(name, image_list) -> (embeddings, labels, paths)``.
+EmbedFn = Callable[[str, ImageList], Tuple[torch.Tensor, torch.Tensor, List[Optional[str]]]]
 
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, BadImageError,
                 FloatingPointError, KeyError, ImportError)
@@ -165,27 +175,9 @@ def embed_split(model: torch.nn.Module, image_list: ImageList, data_config: Dict
                               num_workers=num_workers, amp_dtype=amp_dtype(amp, device), progress=progress)
 
 
-def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_config: Dict[str, Any],
-                   split: str = 'test', ks: Sequence[int] = DEFAULT_KS, flip: bool = False,
-                   scales: Sequence[float] = (1.0,), save_to: Optional[str] = None, device: str = 'auto',
-                   amp: str = 'auto', batch_size: int = 128, num_workers: int = 0, progress: bool = False,
-                   skip_bad_images: bool = False, postprocess: Optional[PostProcess] = None,
-                   nmi: bool = False) -> Dict[str, float]:
-    """Recall@K and MAP@R of ``model`` on ``splits[split]``, query-vs-rest; query vs gallery for a data set with
-    those splits instead of a test split (In-shop). ``save_to`` also writes the split's embeddings (before any
-    post-processing); ``postprocess`` scores the post-processed ranking instead, ``nmi`` adds NMI."""
-
-    def embed(image_list: ImageList) -> Tuple[torch.Tensor, torch.Tensor]:
-        return embed_split(model, image_list, data_config, flip=flip, scales=scales, device=device, amp=amp,
-                           batch_size=batch_size, num_workers=num_workers, progress=progress,
-                           skip_bad_images=skip_bad_images)
-
-    def score(q: torch.Tensor, ql: torch.Tensor, g: Optional[torch.Tensor] = None,
-              gl: Optional[torch.Tensor] = None) -> Dict[str, float]:
-        if postprocess is None:
-            return evaluate_retrieval(q, ql, ks=ks, gallery_embeddings=g, gallery_labels=gl, nmi=nmi)
-        return evaluate_postprocessed(q, ql, postprocess, ks=ks, gallery_embeddings=g, gallery_labels=gl, nmi=nmi)
-
+def resolve_eval_splits(splits: Dict[str, ImageList], split: str = 'test') -> List[str]:
+    """The splits :func:`evaluate_split` embeds for ``split``: ``[split]``, or ``['query', 'gallery']`` for a data
+    set with those instead of a test split (In-shop); a ValueError names a missing or empty split."""
     if split == 'test' and 'test' not in splits and {'query', 'gallery'} <= set(splits):
         split = 'query'  # In-shop: queries against the gallery
     if split not in splits:
@@ -193,14 +185,98 @@ def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_co
                          f'pass --train-classes so the remaining classes form the test split')
     if len(splits[split]) == 0 or splits[split].num_classes == 0:
         raise ValueError(f'the {split!r} split is empty: no evaluation classes')
-    if split == 'query':
-        (q, ql), (g, gl) = embed(splits['query']), embed(splits['gallery'])
+    return ['query', 'gallery'] if split == 'query' else [split]
+
+
+def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_config: Dict[str, Any],
+                   split: str = 'test', ks: Sequence[int] = DEFAULT_KS, flip: bool = False,
+                   scales: Sequence[float] = (1.0,), save_to: Optional[str] = None, device: str = 'auto',
+                   amp: str = 'auto', batch_size: int = 128, num_workers: int = 0, progress: bool = False,
+                   skip_bad_images: bool = False, postprocess: Optional[PostProcess] = None,
+                   nmi: bool = False, embed_fn: Optional[EmbedFn] = None) -> Dict[str, float]:
+    """Recall@K and MAP@R of ``model`` on ``splits[split]``, query-vs-rest; query vs gallery for a data set with
+    those splits instead of a test split (In-shop). ``save_to`` also writes the split's embeddings (before any
+    post-processing); ``postprocess`` scores the post-processed ranking instead, ``nmi`` adds NMI. ``embed_fn``
+    supplies the embeddings (e.g. read from units) instead of extracting them here."""
+
+    def embed(name: str) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]]]:
+        if embed_fn is not None:
+            return embed_fn(name, splits[name])
+        emb, labels = embed_split(model, splits[name], data_config, flip=flip, scales=scales, device=device,
+                                  amp=amp, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                  skip_bad_images=skip_bad_images)
+        return emb, labels, splits[name].paths
+
+    def score(q: torch.Tensor, ql: torch.Tensor, g: Optional[torch.Tensor] = None,
+              gl: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        if postprocess is None:
+            return evaluate_retrieval(q, ql, ks=ks, gallery_embeddings=g, gallery_labels=gl, nmi=nmi)
+        return evaluate_postprocessed(q, ql, postprocess, ks=ks, gallery_embeddings=g, gallery_labels=gl, nmi=nmi)
+
+    names = resolve_eval_splits(splits, split)
+    if names == ['query', 'gallery']:
+        (q, ql, _), (g, gl, _) = embed('query'), embed('gallery')
         return score(q, ql, g, gl)
-    emb, labels = embed(splits[split])
+    emb, labels, paths = embed(names[0])
     if save_to:
-        save_embeddings(save_to, emb, labels, splits[split].paths,
-                        {'model': getattr(model, 'config', {}), 'class_names': splits[split].class_names})
+        save_embeddings(save_to, emb, labels, paths,
+                        {'model': getattr(model, 'config', {}), 'class_names': splits[names[0]].class_names})
     return score(emb, labels)
+
+
+def add_units_args(p: argparse.ArgumentParser, what: str) -> argparse._ArgumentGroup:
+    """``--units DIR`` and ``--unit-size N``: extraction into work units, also under torchrun."""
+    g = p.add_argument_group('large galleries: embedding units, also under torchrun --nproc_per_node N')
+    g.add_argument('--units', metavar='DIR', help=what)
+    g.add_argument('--unit-size', type=int, default=None, metavar='N',
+                   help=f'images per unit when DIR is created (default {DEFAULT_UNIT_SIZE}; an existing DIR keeps '
+                        f'its own)')
+    return g
+
+
+def check_units_args(args: argparse.Namespace) -> None:
+    """One-line errors for the units options, and for torchrun without ``--units`` (every rank would redo all)."""
+    if args.unit_size is not None and args.unit_size < 1:
+        raise ValueError(f'--unit-size must be a positive int, got {args.unit_size}')
+    if args.unit_size is not None and not args.units:
+        raise ValueError('--unit-size needs --units DIR')
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not args.units:
+        raise ValueError('under torchrun pass --units DIR: the processes share the work through its units')
+
+
+def join_processes(device: str) -> DistributedContext:
+    """The torchrun process group (one process without torchrun)."""
+    return init_distributed(resolve_device(device).type)
+
+
+def leave_processes() -> None:
+    """Leave the process group, if this process joined one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def extract_list_units(model: torch.nn.Module, image_list: ImageList, data_config: Dict[str, Any], directory: Path,
+                       fingerprint: str, context: DistributedContext, unit_size: Optional[int] = None,
+                       flip: bool = False, scales: Sequence[float] = (1.0,), device: str = 'auto', amp: str = 'auto',
+                       batch_size: int = 128, num_workers: int = 0, progress: bool = False,
+                       skip_bad_images: bool = False) -> EmbeddingUnits:
+    """Embed ``image_list`` into the units folder ``directory`` with the evaluation transform (collective under
+    torchrun); unreadable images are skipped (and recorded in their unit) with ``skip_bad_images``."""
+    torch_device = rank_device(device, context)
+    if unit_size is None:
+        manifest = Path(directory) / MANIFEST_FILE
+        unit_size = json.loads(manifest.read_text())['unit_size'] if manifest.is_file() else DEFAULT_UNIT_SIZE
+    boxes = None if image_list.boxes is None else \
+        'sha256:' + hashlib.sha256(json.dumps(image_list.boxes).encode()).hexdigest()
+    paths = image_list.paths
+    return extract_units(
+        model, ImageDataset(image_list, eval_transform(data_config)), directory, paths, image_list.labels,
+        fingerprint=fingerprint, preprocessing={'data_config': data_config, 'boxes': boxes}, unit_size=unit_size,
+        batch_size=batch_size, device=torch_device, flip=flip, scales=scales, num_workers=num_workers,
+        amp_dtype=amp_dtype(amp, torch_device), progress=progress,
+        check_item=(lambda i: verify_image(paths[i])) if skip_bad_images else None, context=context,
+        class_names=image_list.class_names)
 
 
 def runtime_kwargs(args: argparse.Namespace) -> Dict[str, Any]:

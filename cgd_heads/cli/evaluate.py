@@ -1,19 +1,24 @@
 """``cgd-eval``: Recall@K, precision@1 and MAP@R (and NMI) of a checkpoint on a data set's test split (or
-query/gallery), optionally after post-processing: whitening, DBA, alpha-QE and k-reciprocal re-ranking."""
+query/gallery), optionally after post-processing: whitening, DBA, alpha-QE and k-reciprocal re-ranking. With
+``--units DIR`` every split it embeds goes through a units folder ``DIR/<split>`` (also under ``torchrun``, every
+process embedding its share; rank 0 evaluates)."""
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..data import ImageList
 from ..models.cgd_model import CGDModel
 from ..retrieval.postprocess import PostProcess
+from ..retrieval.units import checkpoint_fingerprint, load_units
 from ..retrieval.whitening import Whitening, model_fingerprint
 from ..utils.atomic import atomic_write_json
-from .common import (add_data_args, add_runtime_args, check_qe, embed_split, evaluate_split, load_checkpoint,
-                     load_data_splits, load_whitening, parse_floats, parse_ks, parse_rerank, print_metrics, run_cli,
-                     runtime_kwargs)
+from .common import (EmbedFn, add_data_args, add_runtime_args, add_units_args, check_qe, check_units_args,
+                     embed_split, evaluate_split, extract_list_units, join_processes, leave_processes,
+                     load_checkpoint, load_data_splits, load_whitening, parse_floats, parse_ks, parse_rerank,
+                     print_metrics, resolve_eval_splits, run_cli, runtime_kwargs)
 
 __all__ = ['main', 'build_parser']
 
@@ -48,11 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--qe-alpha', type=float, default=0.0, metavar='A',
                    help='weight exponent of --qe and --dba (0 = plain average; 3 is usual)')
     g.add_argument('--rerank', metavar='K1,K2,LAMBDA', help='k-reciprocal re-ranking, e.g. 20,6,0.3')
+    add_units_args(p, 'embed every split used (the evaluated one(s), train for --learn-whitening) into the units '
+                      'folder DIR/<split> and read the embeddings from there; finished units are kept, and under '
+                      'torchrun every process embeds its share (rank 0 evaluates)')
     add_runtime_args(p)
     return p
 
 
 def _check_options(args: argparse.Namespace) -> None:
+    check_units_args(args)
     check_qe(args.qe, args.qe_alpha)
     if args.dba < 0:
         raise ValueError(f'--dba must be an int >= 0 (neighbours including the item, 0 = off), got {args.dba}')
@@ -64,13 +73,21 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f'--whiten-dim must be a positive int, got {args.whiten_dim}')
 
 
-def _learn_whitening(args: argparse.Namespace, model: CGDModel, splits: Dict[str, ImageList],
-                     data_config: Dict[str, Any], embed_kwargs: Dict[str, Any]) -> Whitening:
-    """Fit ``--learn-whitening`` on the train split embeddings (made as the evaluated ones); save it if asked."""
+def _has_train(splits: Dict[str, ImageList]) -> None:
     if 'train' not in splits or len(splits['train']) == 0:
         raise ValueError(f'--learn-whitening fits on the train split, but the data set has none (it has '
                          f'{sorted(splits)}); for an image folder pass --train-classes')
-    emb, labels = embed_split(model, splits['train'], data_config, **embed_kwargs)
+
+
+def _learn_whitening(args: argparse.Namespace, model: CGDModel, splits: Dict[str, ImageList],
+                     data_config: Dict[str, Any], embed_kwargs: Dict[str, Any],
+                     embed_fn: Optional[EmbedFn] = None) -> Whitening:
+    """Fit ``--learn-whitening`` on the train split embeddings (made as the evaluated ones); save it if asked."""
+    _has_train(splits)
+    if embed_fn is not None:
+        emb, labels, _ = embed_fn('train', splits['train'])
+    else:
+        emb, labels = embed_split(model, splits['train'], data_config, **embed_kwargs)
     if args.whiten_dim is not None and args.whiten_dim > emb.shape[1]:
         raise ValueError(f'--whiten-dim must be at most the embedding dim {emb.shape[1]}, got {args.whiten_dim}')
     if args.learn_whitening == 'learned':
@@ -86,22 +103,51 @@ def _learn_whitening(args: argparse.Namespace, model: CGDModel, splits: Dict[str
     return whitening
 
 
+def _extract_units(args: argparse.Namespace, model: CGDModel, splits: Dict[str, ImageList],
+                   data_config: Dict[str, Any], embed_kwargs: Dict[str, Any]) -> Optional[EmbedFn]:
+    """Embed every split the evaluation uses into ``--units DIR/<split>`` (all ranks); on rank 0, return the
+    reader of those units, elsewhere None."""
+    context = join_processes(args.device)
+    try:
+        names = resolve_eval_splits(splits, args.split)
+        if args.learn_whitening:
+            _has_train(splits)
+            names = ['train', *names]
+        fingerprint = checkpoint_fingerprint(args.checkpoint)
+        for name in names:
+            extract_list_units(model, splits[name], data_config, Path(args.units) / name, fingerprint, context,
+                               args.unit_size, **embed_kwargs)
+    finally:
+        leave_processes()
+    if not context.is_main:
+        return None
+
+    def embed(name: str, image_list: ImageList) -> Any:
+        emb, labels, paths, _ = load_units(Path(args.units) / name)
+        return emb, labels, paths
+    return embed
+
+
 def run(args: argparse.Namespace) -> None:
     _check_options(args)
     rerank = parse_rerank(args.rerank) if args.rerank else None
     model, data_config = load_checkpoint(args.checkpoint, args.img_size)
     splits = load_data_splits(args)
     embed_kwargs = dict(flip=args.flip, scales=args.scales, **runtime_kwargs(args))
-    if args.whiten:
-        whitening: Optional[Whitening] = load_whitening(args.whiten, model.config)
+    saved = load_whitening(args.whiten, model.config) if args.whiten else None  # checked before any extraction
+    embed_fn = _extract_units(args, model, splits, data_config, embed_kwargs) if args.units else None
+    if args.units and embed_fn is None:
+        return  # a rank > 0 of torchrun: its share is embedded, rank 0 evaluates
+    if saved is not None:
+        whitening: Optional[Whitening] = saved
     elif args.learn_whitening:
-        whitening = _learn_whitening(args, model, splits, data_config, embed_kwargs)
+        whitening = _learn_whitening(args, model, splits, data_config, embed_kwargs, embed_fn)
     else:
         whitening = None
     postprocess = PostProcess(whitening, args.qe, args.qe_alpha, args.dba, rerank)
     metrics = evaluate_split(model, splits, data_config, split=args.split, ks=args.ks, save_to=args.save_embeddings,
                              postprocess=None if postprocess.is_identity else postprocess, nmi=args.nmi,
-                             **embed_kwargs)
+                             embed_fn=embed_fn, **embed_kwargs)
     print_metrics(f'{args.checkpoint} on {args.data} ({args.split}, {metrics["num_queries"]} queries):', metrics)
     if args.output:
         steps = {'whitening': args.whiten or args.learn_whitening, 'whiten_dim': whitening and whitening.dim,

@@ -1,20 +1,33 @@
-"""``cgd-index``: embed images with a checkpoint (or read saved embeddings) and save a faiss index."""
+"""``cgd-index``: embed images with a checkpoint (or read saved embeddings, or a units folder) and save a faiss
+index. With ``--units DIR`` the images are embedded into work units (also by every process of ``torchrun
+--nproc_per_node N``; a rerun finishes an interrupted extraction) and rank 0 builds the index from them, one unit
+in memory at a time."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..data import ImageDataset, ImageList, read_image_folder
 from ..retrieval.extract import extract_embeddings, load_embeddings
 from ..retrieval.index import RetrievalIndex
 from ..retrieval.index_types import INDEX_TYPES
+from ..retrieval.unit_index import DEFAULT_SHARD_SIZE, SHARDS_FILE, build_index_from_units
+from ..retrieval.units import EmbeddingUnits, checkpoint_fingerprint
+from ..retrieval.whitening import Whitening
 from ..utils.runtime import amp_dtype, resolve_device
-from .common import (add_data_args, add_runtime_args, check_out_dir, eval_transform, load_checkpoint,
+from .common import (add_data_args, add_runtime_args, add_units_args, check_out_dir, check_units_args,
+                     eval_transform, extract_list_units, join_processes, leave_processes, load_checkpoint,
                      load_data_splits, load_whitening, run_cli)
 
 __all__ = ['main', 'build_parser']
+
+#: Index options: command-line dest -> (index type, RetrievalIndex.build keyword).
+INDEX_OPTIONS = {'nlist': ('ivf', 'nlist'), 'nprobe': ('ivf', 'nprobe'), 'pq_m': ('ivf', 'pq_m'),
+                 'pq_nbits': ('ivf', 'pq_nbits'), 'hnsw_m': ('hnsw', 'M'),
+                 'ef_construction': ('hnsw', 'ef_construction'), 'ef_search': ('hnsw', 'ef_search')}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +42,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--index-type', default='flat', choices=list(INDEX_TYPES))
     p.add_argument('--whiten', metavar='PATH', help='store the embeddings through this saved whitening (cgd-eval '
                                                     '--whiten-out; learned for this model); searches apply it too')
+    o = p.add_argument_group('index options (default: the library defaults, see RetrievalIndex)')
+    o.add_argument('--nlist', type=int, metavar='N', help='ivf: number of inverted lists')
+    o.add_argument('--nprobe', type=int, metavar='N', help='ivf: lists scanned per query')
+    o.add_argument('--pq-m', type=int, metavar='N', help='ivf: PQ sub-quantisers (bytes per vector); none = IVF-Flat')
+    o.add_argument('--pq-nbits', type=int, metavar='N', help='ivf: bits per PQ code (8)')
+    o.add_argument('--hnsw-m', type=int, metavar='N', help='hnsw: neighbours per node (32)')
+    o.add_argument('--ef-construction', type=int, metavar='N', help='hnsw: build-time search depth (40)')
+    o.add_argument('--ef-search', type=int, metavar='N', help='hnsw: search depth (64)')
+    g = add_units_args(p, 'embed the images into this units folder (finished units are kept; under torchrun every '
+                          'process embeds its share), then build the index from it streaming; alone (no --images / '
+                          '--data), index an existing units folder')
+    g.add_argument('--train-size', type=int, metavar='N',
+                   help='ivf with --units: vectors sampled to train (default min(N, max(64 nlist, 65536 with PQ)))')
+    g.add_argument('--on-disk', action='store_true',
+                   help='ivf with --units: keep the inverted lists in a file in the index folder (memory-mapped)')
+    g.add_argument('--shard-size', type=int, default=DEFAULT_SHARD_SIZE, metavar='N',
+                   help='with --units: most vectors per shard (flat, hnsw: searched as one) or per part (--on-disk)')
     add_runtime_args(p)
     return p
+
+
+def _index_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The index options given, checked against --index-type."""
+    kwargs = {}
+    for dest, (index_type, key) in INDEX_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        option = '--' + dest.replace('_', '-')
+        if index_type != args.index_type:
+            raise ValueError(f'{option} applies to --index-type {index_type}, not {args.index_type}')
+        if value < 1:
+            raise ValueError(f'{option} must be a positive int, got {value}')
+        kwargs[key] = value
+    return kwargs
+
+
+def _check_units_options(args: argparse.Namespace) -> None:
+    check_units_args(args)
+    if not args.units and (args.train_size is not None or args.on_disk or args.shard_size != DEFAULT_SHARD_SIZE):
+        raise ValueError('--train-size, --on-disk and --shard-size need --units DIR')
+    if args.on_disk and args.index_type != 'ivf':
+        raise ValueError(f'--on-disk needs --index-type ivf (inverted lists), got {args.index_type}')
+    for option in ('train_size', 'shard_size'):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f'--{option.replace("_", "-")} must be a positive int, got {value}')
+    if args.units and args.embeddings:
+        raise ValueError('pass one of --embeddings FILE and --units DIR')
 
 
 def _gallery(args: argparse.Namespace) -> ImageList:
@@ -59,7 +119,8 @@ def _index_embeddings_file(args: argparse.Namespace) -> None:
                              f'{args.embeddings} records none (write it with cgd-eval --save-embeddings)')
         whitening = load_whitening(args.whiten, metadata['model'])
     index = RetrievalIndex.build(emb, labels=None if labels is None else labels.tolist(), paths=paths,
-                                 index_type=args.index_type, metadata=metadata, whitening=whitening)
+                                 index_type=args.index_type, metadata=metadata, whitening=whitening,
+                                 **_index_kwargs(args))
     index.save(args.out)
     print(f'indexed {len(index)} embeddings ({_dims(index)}, {args.index_type}) -> {args.out}')
 
@@ -68,8 +129,66 @@ def _dims(index: RetrievalIndex) -> str:
     return f'{index.dim}-d' if index.whitening is None else f'{index.input_dim}-d whitened to {index.dim}-d'
 
 
+def _whitening_for(args: argparse.Namespace, model_config: Any) -> Optional[Whitening]:
+    if not args.whiten:
+        return None
+    if not isinstance(model_config, dict):
+        raise ValueError(f'--whiten needs the model config to check the whitening against, but --units {args.units} '
+                         f'records none')
+    return load_whitening(args.whiten, model_config)
+
+
+def _index_units(args: argparse.Namespace) -> None:
+    """Extract into --units (every rank) unless it is indexed alone, then build the index on rank 0."""
+    context = join_processes(args.device)
+    if args.images is None and args.data is None:
+        if not context.is_main:
+            return  # nothing to extract: rank 0 builds alone
+        units = EmbeddingUnits.open(args.units)
+        if args.checkpoint and checkpoint_fingerprint(args.checkpoint) != units.model_fingerprint:
+            raise ValueError(f'--units {args.units} was extracted with another model than --checkpoint '
+                             f'{args.checkpoint} (fingerprints differ)')
+        model_config, class_names = units.model_config, units.class_names
+        whitening = _whitening_for(args, model_config)
+    else:
+        if not args.checkpoint:
+            raise ValueError('--checkpoint is required to embed --images or --data')
+        model, data_config = load_checkpoint(args.checkpoint)
+        whitening = _whitening_for(args, model.config)  # checked before the extraction
+        gallery = _gallery(args)
+        units = extract_list_units(model, gallery, data_config, Path(args.units),
+                                   checkpoint_fingerprint(args.checkpoint), context, args.unit_size,
+                                   device=args.device, amp=args.amp, batch_size=args.batch_size,
+                                   num_workers=args.num_workers, progress=not args.quiet,
+                                   skip_bad_images=args.skip_bad_images)
+        if not context.is_main:
+            return
+        model_config, class_names = model.config, gallery.class_names
+    metadata: Dict[str, Any] = {'model': model_config} if model_config else {}
+    if args.checkpoint:
+        metadata['checkpoint'] = str(Path(args.checkpoint).resolve())
+    if class_names is not None:
+        metadata['class_names'] = class_names
+    build_index_from_units(units, args.out, args.index_type, whitening=whitening, metadata=metadata,
+                           train_size=args.train_size, on_disk=args.on_disk, shard_size=args.shard_size,
+                           **_index_kwargs(args))
+    shards = Path(args.out) / SHARDS_FILE
+    count = len(json.loads(shards.read_text())['shards']) if shards.is_file() else 0
+    layout = (f'{count} shard' + 's' * (count > 1)) if count else \
+        ('on-disk lists' if args.on_disk else 'one index')
+    print(f'indexed {sum(units.unit_counts())} images from {units.num_units} units in {args.units} '
+          f'({args.index_type}, {layout}) -> {args.out}')
+
+
 def run(args: argparse.Namespace) -> None:
+    _check_units_options(args)
+    index_kwargs = _index_kwargs(args)
     check_out_dir(Path(args.out))
+    if args.units:
+        try:
+            return _index_units(args)
+        finally:
+            leave_processes()
     if args.embeddings:
         return _index_embeddings_file(args)
     if not args.checkpoint:
@@ -83,7 +202,7 @@ def run(args: argparse.Namespace) -> None:
                                      progress=not args.quiet)
     index = RetrievalIndex.build(emb, labels=labels.tolist(), paths=dataset.paths, index_type=args.index_type,
                                  metadata={'model': model.config, 'checkpoint': str(Path(args.checkpoint).resolve()),
-                                           'class_names': dataset.class_names}, whitening=whitening)
+                                           'class_names': dataset.class_names}, whitening=whitening, **index_kwargs)
     index.save(args.out)
     print(f'indexed {len(index)} images ({_dims(index)}, {args.index_type}) -> {args.out}')
 

@@ -9,7 +9,9 @@ from typing import Any, Dict, List, Optional
 
 from ..data import ImageDataset, ImageList
 from ..retrieval.extract import extract_embeddings
-from ..retrieval.index import RetrievalIndex, SearchHit
+from ..retrieval.index import SearchHit
+from ..retrieval.shards import ShardedIndex
+from ..retrieval.unit_index import load_index
 from ..retrieval.visualize import save_retrieval_grid
 from .common import check_qe, eval_transform, load_checkpoint, run_cli
 
@@ -20,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='cgd-search', description='Top-k gallery images for query images.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('queries', nargs='+', help='query image files')
-    p.add_argument('--index', required=True, help='index folder written by cgd-index')
+    p.add_argument('--index', required=True, help='index folder written by cgd-index (one index, or shards)')
     p.add_argument('--checkpoint', help='checkpoint folder; default: the one the index was built with')
     p.add_argument('-k', '--k', type=int, default=5)
     p.add_argument('--qe', type=int, default=0, metavar='N',
@@ -45,18 +47,23 @@ def run(args: argparse.Namespace) -> None:
     if args.k < 1:
         raise ValueError(f'--k must be >= 1, got {args.k}')
     check_qe(args.qe, args.qe_alpha)
-    index = RetrievalIndex.load(args.index)
-    checkpoint = args.checkpoint or index.metadata.get('checkpoint')
+    index = load_index(args.index)
+    sharded = isinstance(index, ShardedIndex)
+    if sharded and args.qe:
+        raise ValueError(f'--qe needs one index, but --index {args.index} holds {len(index.shards)} shards')
+    metadata = index.shards[0].metadata if sharded else index.metadata
+    checkpoint = args.checkpoint or metadata.get('checkpoint')
     if not checkpoint:
         raise ValueError(f'--index {args.index} does not name its checkpoint; pass --checkpoint')
     model, data_config = load_checkpoint(checkpoint)
-    if index.metadata.get('model') != model.config:  # embeddings of another model would be meaningless
-        RetrievalIndex.load(args.index, expected_metadata={'model': model.config})  # raises, naming the fields
+    if metadata.get('model') != model.config:  # embeddings of another model would be meaningless
+        load_index(args.index, expected_metadata={'model': model.config})  # raises, naming the fields
     queries = ImageList([str(Path(q).resolve()) for q in args.queries], [0] * len(args.queries), ['query'])
     emb, _ = extract_embeddings(model, ImageDataset(queries, eval_transform(data_config)), device=args.device,
                                 progress=False)
-    hits = index.search_hits(emb, k=args.k, qe=args.qe, qe_alpha=args.qe_alpha)
-    results = _rows(queries.paths, hits, index.metadata.get('class_names') or [])
+    hits = index.search_hits(emb, k=args.k) if sharded else \
+        index.search_hits(emb, k=args.k, qe=args.qe, qe_alpha=args.qe_alpha)
+    results = _rows(queries.paths, hits, metadata.get('class_names') or [])
     if args.json:
         print(json.dumps(results, indent=2))
     else:

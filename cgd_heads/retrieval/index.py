@@ -10,10 +10,12 @@ On disk an index is a folder holding ``index.json`` (dim, count, index type, met
 paths, metadata, format version, name and SHA-256 of the faiss file) and the faiss file it names, written by
 ``faiss.write_index``; an index with a whitening also holds the whitening's folder (``whitening.<hex>/``, written by
 :meth:`Whitening.save <cgd_heads.retrieval.whitening.Whitening.save>`), named in ``index.json`` with its kind,
-dims, model fingerprint and the SHA-256 of its ``whitening.json`` (format version 2). No pickle is involved
-anywhere. ``index.json`` is the commit point: the faiss file and the whitening folder get fresh names on every save
-and are written first, so a save that fails at any step leaves the previous ``index.json`` pointing at the
-previous, intact files.
+dims, model fingerprint and the SHA-256 of its ``whitening.json`` (format version 2). An IVF index whose inverted
+lists live on disk (:func:`~cgd_heads.retrieval.unit_index.build_index_from_units` with ``on_disk=True``) also holds
+its lists file ``index.<hex>.ivfdata``, named in ``index.json`` with its size (format version 3; see
+:mod:`cgd_heads.retrieval.ondisk`). No pickle is involved anywhere. ``index.json`` is the commit point: the faiss
+file and the whitening folder get fresh names on every save and are written first, so a save that fails at any step
+leaves the previous ``index.json`` pointing at the previous, intact files.
 """
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ from ..utils.checks import PathLike, check_int
 from .arrays import ArrayLike, to_embedding_array
 from .checks import check_real
 from .faiss_import import faiss
-from .index_file import (FORMAT_VERSION, METADATA_FILE, METRIC, WHITENED_FORMAT_VERSION, check_info,
-                         compare_metadata, is_plain_file_name, sha256)
+from .index_file import (FORMAT_VERSION, METADATA_FILE, METRIC, check_info, compare_metadata, format_version,
+                         is_plain_file_name, sha256)
 from .index_types import FAISS_CLASSES, INDEX_TYPES, apply_search_params, check_params, make_index
+from .ondisk import is_on_disk, place_ivfdata, read_index_file, write_index_file
 from .query_expansion import expansion_weights
 from .whitening import METADATA_FILE as WHITENING_FILE
 from .whitening import Whitening, model_fingerprint
@@ -233,6 +236,9 @@ class RetrievalIndex:
             paths: ``M`` str/PathLike or Nones; None = no paths.
             normalize: As in :meth:`build`.
         """
+        if is_on_disk(self._index):
+            raise ValueError('this index keeps its inverted lists on disk and is read-only (adding would rewrite the '
+                             'lists file that saved copies share): rebuild it with build_index_from_units')
         x = self._check_queries(embeddings, 'embeddings', normalize)
         labels_list = _check_labels(labels, x.shape[0])
         paths_list = _check_paths(paths, x.shape[0])
@@ -414,10 +420,13 @@ class RetrievalIndex:
         index_file = f'index.{uuid.uuid4().hex}.faiss'
         created = [index_file]
         try:
+            ivfdata = place_ivfdata(self._index, directory)
+            if ivfdata is not None and ivfdata['file'] not in previous:
+                created.append(ivfdata['file'])
             with atomic_path(directory / index_file) as tmp:
-                faiss.write_index(self._index, str(tmp))
+                write_index_file(self._index, tmp, ivfdata)
             info = {
-                'format_version': FORMAT_VERSION if self._whitening is None else WHITENED_FORMAT_VERSION,
+                'format_version': format_version(self._whitening is not None, ivfdata is not None),
                 'index_file': index_file,
                 'index_sha256': sha256(directory / index_file),
                 'dim': self.dim,
@@ -432,13 +441,15 @@ class RetrievalIndex:
             if self._whitening is not None:
                 created.append(f'whitening.{uuid.uuid4().hex}')
                 info['whitening'] = _save_whitening(self._whitening, directory / created[-1])
+            if ivfdata is not None:
+                info['ivfdata'] = ivfdata
             atomic_write_json(directory / METADATA_FILE, info)
         except BaseException:
             # the new files are referenced by nothing: remove them, the previous save stays intact
             for name in created:
                 _remove(directory / name)
             raise
-        for name in previous - set(created):
+        for name in previous - set(created) - {ivfdata and ivfdata['file']}:
             _remove(directory / name)
         return directory
 
@@ -446,11 +457,13 @@ class RetrievalIndex:
     def load(cls, directory: PathLike, expected_metadata: Optional[Mapping[str, Any]] = None) -> 'RetrievalIndex':
         """Load an index saved by :meth:`save`, checking that all its parts agree.
 
-        Checks: ``index.json`` parses and has the current format version and all fields; the faiss file exists,
-        matches its recorded SHA-256 and reads; ``index.ntotal == count == len(labels) == len(paths)``;
-        ``index.d == dim``; metric and faiss class match. With ``expected_metadata``, every key in it must be
-        present in the stored metadata with an equal value (compared after a JSON round trip, so tuples equal
-        lists); stored keys not in ``expected_metadata`` are ignored.
+        Checks: ``index.json`` parses and has a known format version and all fields; the faiss file exists,
+        matches its recorded SHA-256 and reads (an on-disk IVF index: its lists file is in ``directory`` with the
+        recorded size, and is memory-mapped from there, so the folder can be moved);
+        ``index.ntotal == count == len(labels) == len(paths)``; ``index.d == dim``; metric and faiss class match.
+        With ``expected_metadata``, every key in it must be present in the stored metadata with an equal value
+        (compared after a JSON round trip, so tuples equal lists); stored keys not in ``expected_metadata`` are
+        ignored.
 
         Args:
             directory: The folder given to :meth:`save`.
@@ -475,7 +488,7 @@ class RetrievalIndex:
         if sha256(index_path) != info['index_sha256']:
             raise ValueError(f'{index_path} does not match the SHA-256 recorded in {json_path} (corrupt or replaced)')
         try:
-            index = faiss.read_index(str(index_path))
+            index = read_index_file(index_path, info.get('ivfdata'), json_path)
         except RuntimeError as exc:
             raise ValueError(f'{index_path} is not a readable faiss index: {exc}') from exc
         if index.ntotal != info['count']:
@@ -541,7 +554,8 @@ def _referenced_files(directory: Path) -> set:
     """Names of the faiss file and whitening folder the existing ``index.json`` refers to, if it is readable."""
     try:
         info = json.loads((directory / METADATA_FILE).read_text(encoding='utf-8'))
-        names = {info.get('index_file'), (info.get('whitening') or {}).get('folder')}
+        names = {info.get('index_file'), (info.get('whitening') or {}).get('folder'),
+                 (info.get('ivfdata') or {}).get('file')}
     except (OSError, ValueError, AttributeError):
         return set()
     return {n for n in names if isinstance(n, str) and is_plain_file_name(n)}
