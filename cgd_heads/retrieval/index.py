@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..utils.atomic import atomic_path, atomic_write_json
+from ..utils.atomic import atomic_path, atomic_write_json, read_json
 from ..utils.checks import PathLike, check_int
 from .arrays import ArrayLike, to_embedding_array
 from .checks import check_real
@@ -475,13 +475,7 @@ class RetrievalIndex:
         """
         directory = Path(directory)
         json_path = directory / METADATA_FILE
-        if not json_path.is_file():
-            raise FileNotFoundError(f'no saved index in {directory}: {json_path} does not exist')
-        try:
-            info = json.loads(json_path.read_text(encoding='utf-8'))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f'{json_path} is not valid JSON (corrupt index metadata): {exc}') from exc
-        info = check_info(info, json_path)
+        info = check_info(read_json(json_path, 'index'), json_path)
         index_path = directory / info['index_file']
         if not index_path.is_file():
             raise FileNotFoundError(f'{json_path} refers to faiss file {index_path}, which does not exist')

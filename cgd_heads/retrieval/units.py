@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from ..utils.atomic import atomic_path, atomic_write_json, resolve_dir
+from ..utils.atomic import atomic_path, atomic_write_json, read_json, resolve_dir
 from ..utils.checks import PathLike, check_int
 
 __all__ = ['EmbeddingUnit', 'EmbeddingUnits', 'load_units', 'checkpoint_fingerprint', 'weights_fingerprint',
@@ -138,10 +138,7 @@ class EmbeddingUnit:
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding='utf-8'))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f'{path} is not valid JSON (corrupt units manifest): {exc}') from exc
+    value = read_json(path, 'units manifest')
     if not isinstance(value, dict) or value.get('format') != UNITS_FORMAT:
         raise ValueError(f'{path} is not a manifest of embedding units (format {UNITS_FORMAT!r})')
     if value.get('format_version') != UNITS_FORMAT_VERSION:

@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from ..utils.atomic import atomic_path, atomic_write_json
+from ..utils.atomic import atomic_path, atomic_write_json, read_json
 from ..utils.checks import PathLike, check_int
 from .arrays import ArrayLike, to_embedding_array
 from .checks import as_labels, check_real
@@ -310,12 +310,7 @@ def _pair_covariances(x: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np
 def _read_info(directory: Path) -> Dict[str, Any]:
     """Parse and check ``whitening.json``; errors name the file and the field."""
     path = directory / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f'no saved whitening in {directory}: {path} does not exist')
-    try:
-        info = json.loads(path.read_text(encoding='utf-8'))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f'{path} is not valid JSON (corrupt whitening metadata): {exc}') from exc
+    info = read_json(path, 'whitening')
     if not isinstance(info, dict) or info.get('format_version') != _FORMAT_VERSION:
         raise ValueError(f'{path} must be a JSON object with format_version {_FORMAT_VERSION}')
     fields = {'kind': str, 'dim': int, 'input_dim': int, 'shrinkage': (int, float), 'weights_sha256': str,

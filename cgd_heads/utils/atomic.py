@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from .checks import PathLike
 
-__all__ = ['atomic_path', 'atomic_write_json', 'atomic_dir', 'resolve_dir']
+__all__ = ['atomic_path', 'atomic_write_json', 'read_json', 'atomic_dir', 'resolve_dir']
 
 
 @contextlib.contextmanager
@@ -51,6 +51,22 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n', encoding='utf-8')
+
+
+def read_json(path: PathLike, what: str) -> Any:
+    """The JSON value in ``path``, the counterpart of :func:`atomic_write_json`.
+
+    Raises:
+        FileNotFoundError: ``path`` is missing: ``'no saved {what} in {folder}: {path} does not exist'``.
+        ValueError: it is not valid UTF-8 JSON: ``'{path} is not valid JSON (corrupt {what} metadata)'``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'no saved {what} in {path.parent}: {path} does not exist')
+    try:
+        return json.loads(path.read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f'{path} is not valid JSON (corrupt {what} metadata): {exc}') from exc
 
 
 def _previous(path: Path) -> Path:
