@@ -5,11 +5,22 @@ image folder under ``--out`` (randomly scaled, rotated and shifted, with distrac
 and evaluates zero-shot retrieval on the unseen digits 6-9 against the same network before training. With
 ``--data`` the same steps run on any data set the readers know (an image folder, CUB200, CARS196, SOP, In-shop,
 Omniglot...).
+
+Trained from scratch, CGD's embeddings ``normalize(concat_i normalize(W_i pool_i(X)))`` end up sharing one dominant
+direction: nothing in the embedding branch removes a component common to all images (SPoC / GeM pooling of ReLU
+maps gives a large one; the bias-free FCs and the L2 norms keep it), and the batch-hard triplet loss, far from
+satisfied on features without class structure, falls to its floor (the margin) fastest by amplifying that
+component, within the first few updates. The ranking stays informative (Recall@K) but raw cosines are all about 1.
+The demo therefore also prints how close same-class and other-class pairs are, and centres the index: it stores
+the embeddings minus the mean embedding of the training images (a
+:class:`~cgd_heads.retrieval.whitening.Whitening` without scaling, saved with the index and applied to every query),
+so the printed scores are cosines of centred embeddings that rank and spread.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shutil
 import sys
 import time
@@ -24,16 +35,24 @@ from ..data import ImageDataset, ImageList, data_config_of, load_splits
 from ..models.cgd_model import CGDModel
 from ..retrieval.extract import extract_embeddings
 from ..retrieval.index import RetrievalIndex
+from ..retrieval.postprocess import PostProcess
 from ..retrieval.visualize import save_retrieval_grid
+from ..retrieval.whitening import Whitening, model_fingerprint
 from ..training.config import TrainConfig
 from ..training.trainer import build_model, train
 from ..utils.runtime import seed_everything
 from ..utils.settings import add_options, config_from_args, count_or_fraction
 from .common import eval_transform, evaluate_split, run_cli
 
-__all__ = ['main', 'write_digits_folder']
+__all__ = ['cosine_spread', 'main', 'run', 'write_digits_folder']
+
+_logger = logging.getLogger(__name__)
 
 DIGITS_TRAIN_CLASSES = 6
+#: At most this many training images (a seeded random subset) give the mean embedding that centres the index.
+CENTRE_IMAGES = 2000
+#: At most this many evaluation images (a seeded random subset) give the mean same / other-class cosines.
+SPREAD_IMAGES = 2000
 
 
 def write_digits_folder(root: Path, size: int = 32, seed: int = 0) -> Path:
@@ -67,6 +86,60 @@ def write_digits_folder(root: Path, size: int = 32, seed: int = 0) -> Path:
         Image.fromarray(255 - canvas).save(folder / f'{i:04d}.png')  # dark strokes on white
     done.touch()
     return root
+
+
+def _embed(model: torch.nn.Module, image_list: ImageList, data_config: Dict[str, Any], device: str,
+           indices: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unit embeddings and labels of ``image_list`` (only the items ``indices``, when given)."""
+    dataset: torch.utils.data.Dataset = ImageDataset(image_list, eval_transform(data_config))
+    if indices is not None:
+        dataset = torch.utils.data.Subset(dataset, list(indices))
+    return extract_embeddings(model, dataset, batch_size=256, device=device, progress=False)
+
+
+def _subset(n: int, limit: int, seed: int) -> Optional[List[int]]:
+    """A sorted seeded random choice of ``limit`` of ``n`` items, or None (all) when ``n <= limit``."""
+    if n <= limit:
+        return None
+    return sorted(np.random.default_rng(seed).choice(n, size=limit, replace=False).tolist())
+
+
+def cosine_spread(embeddings: Any, labels: Any) -> Tuple[float, float]:
+    """Mean cosine similarity of the pairs of distinct items of the same class, and of different classes.
+
+    Rows are L2-normalised here. A collapsed embedding has both near 1; a useful one has the first clearly above
+    the second. NaN where a kind of pair does not exist.
+    """
+    x = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings), dtype=torch.float64), dim=1)
+    y = torch.as_tensor(np.asarray(labels))
+    sims = x @ x.T
+    same = y[:, None] == y[None, :]
+    same.fill_diagonal_(False)
+    other = y[:, None] != y[None, :]
+    nan = float('nan')
+    return (float(sims[same].mean()) if same.any() else nan, float(sims[other].mean()) if other.any() else nan)
+
+
+def _fmt_cosines(*values: float) -> str:
+    """Cosines side by side, all with the decimals that tell the largest from 1: ``0.085 / 0.016``,
+    ``0.99992 / 0.99990``."""
+    decimals = 5 if max((abs(v) for v in values if not math.isnan(v)), default=0.0) >= 0.995 else 3
+    return ' / '.join('n/a' if math.isnan(v) else f'{v:.{decimals}f}' for v in values)
+
+
+def _centring(model: CGDModel, train: ImageList, data_config: Dict[str, Any], args: argparse.Namespace
+              ) -> Optional[Whitening]:
+    """``x -> normalize(x - m)``, ``m`` the mean embedding of (up to CENTRE_IMAGES) training images, as a
+    Whitening without scaling (a PCA rotation, which leaves cosines unchanged) tagged with the model's
+    fingerprint; None when the embeddings do not allow one (all equal)."""
+    emb, _ = _embed(model, train, data_config, args.device, _subset(len(train), CENTRE_IMAGES, args.seed))
+    try:
+        fitted = Whitening.fit_pca(emb.numpy(), whiten=False, normalize=True)
+    except ValueError as e:
+        _logger.warning('no centring: %s', e)
+        return None
+    return Whitening(fitted.mean, fitted.projection, fitted.kind, fitted.shrinkage,
+                     fingerprint=model_fingerprint(model.config))
 
 
 def _table(rows: Dict[str, Dict[str, float]], ks: Sequence[int]) -> str:
@@ -115,22 +188,24 @@ def _demo_splits(args: argparse.Namespace) -> Tuple[Path, str, Dict[str, ImageLi
     return root, dataset, splits
 
 
-def _search_and_draw(model: CGDModel, gallery: ImageList, data_config: Dict[str, Any], args: argparse.Namespace,
-                     checkpoint: Path) -> None:
-    """Index the evaluation images, answer one query, draw a grid of a few queries."""
+def _search_and_draw(model: CGDModel, gallery: ImageList, emb: torch.Tensor, labels: torch.Tensor,
+                     whitening: Optional[Whitening], args: argparse.Namespace, checkpoint: Path) -> None:
+    """Index the evaluation images (centred by ``whitening``), answer one query, draw a grid of a few queries."""
     out = Path(args.out)
-    emb, labels = extract_embeddings(model, ImageDataset(gallery, eval_transform(data_config)), batch_size=256,
-                                     device=args.device, progress=False)
-    index = RetrievalIndex.build(emb, labels=labels.tolist(), paths=gallery.paths,
+    index = RetrievalIndex.build(emb, labels=labels.tolist(), paths=gallery.paths, whitening=whitening,
                                  metadata={'model': model.config, 'checkpoint': str(checkpoint)})
     index.save(out / 'index')
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(gallery), size=min(6, len(gallery)), replace=False)
     hits = index.search_hits(emb[picks], k=6)
     hits = [[h for h in row if h.id != q][:5] for q, row in zip(picks.tolist(), hits)]  # drop the query itself
-    print(f'\nQuery {gallery.paths[picks[0]]} (class {gallery.class_names[labels[picks[0]]]}): top 5')
+    query_class = int(labels[picks[0]])
+    score = 'cosine of centred embeddings' if whitening is not None else 'cosine'
+    print(f'\nQuery {gallery.paths[picks[0]]} (class {gallery.class_names[query_class]}): top {len(hits[0])} of '
+          f'{len(gallery) - 1}\n(score: {score}; + same class, - other class)')
     for h in hits[0]:
-        print(f'  {h.score:.4f}  class {gallery.class_names[h.label]}  {h.path}')
+        print(f'  {"+" if h.label == query_class else "-"} {h.score:7.4f}  class {gallery.class_names[h.label]}  '
+              f'{h.path}')
     grid = save_retrieval_grid([gallery.paths[i] for i in picks], [int(labels[i]) for i in picks],
                                [[h.path for h in row] for row in hits], [[h.label for h in row] for row in hits],
                                out / 'retrieval_grid.png')
@@ -138,16 +213,38 @@ def _search_and_draw(model: CGDModel, gallery: ImageList, data_config: Dict[str,
 
 
 def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
+    """The demo: evaluate the untrained network, train, evaluate, index, answer a query; returns the table rows
+    (``{row name: metrics}``; the rows' ``'cos same'`` / ``'cos other'`` are the mean cosine similarities of
+    same-class and other-class pairs of evaluation images)."""
     root, dataset, splits = _demo_splits(args)
     config = config_from_args(TrainConfig, args, progress=not args.quiet, **DEMO_FIXED)
     run_dir = Path(args.out) / 'run'
     if (run_dir / 'last').exists():  # a demo is a fresh run each time; never mix with an earlier one
         shutil.rmtree(run_dir)
     ks = (1, 2, 4, 8)
+    gallery_split = 'test' if 'test' in splits else 'gallery'
+    gallery = splits[gallery_split]
+    spread_items = _subset(len(gallery), SPREAD_IMAGES, args.seed)
 
-    def evaluate(model: torch.nn.Module) -> Dict[str, float]:
-        return evaluate_split(model, splits, data_config_of(model, args.img_size), ks=ks, device=args.device,
-                              amp='none', batch_size=256)
+    def evaluate(model: CGDModel, whitening: Optional[Whitening] = None,
+                 cache: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+        """Recall@K / MAP@R (through ``whitening``), plus the mean same / other-class cosines of the gallery."""
+        data_config = data_config_of(model, args.img_size)
+        cache = {} if cache is None else cache  # split name -> (embeddings, labels, paths), embedded once
+
+        def embed(name: str, image_list: ImageList) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]]]:
+            if name not in cache:
+                cache[name] = (*_embed(model, image_list, data_config, args.device), image_list.paths)
+            return cache[name]
+
+        metrics = evaluate_split(model, splits, data_config, ks=ks, device=args.device, amp='none', batch_size=256,
+                                 embed_fn=embed,
+                                 postprocess=None if whitening is None else PostProcess(whitening=whitening))
+        emb, labels, _ = embed(gallery_split, gallery)
+        if spread_items is not None:
+            emb, labels = emb[spread_items], labels[spread_items]
+        same, other = cosine_spread(emb if whitening is None else whitening.apply(emb.numpy()), labels)
+        return dict(metrics, **{'cos same': same, 'cos other': other})
 
     seed_everything(config.seed)  # the same initialisation train() starts from
     untrained = build_model(config, splits['train'].num_classes)  # classifier size is irrelevant here
@@ -155,13 +252,24 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     start = time.time()
     result = train(config, splits['train'], run_dir, extra={'dataset': dataset, 'data_root': str(root)})
     seconds = time.time() - start
-    rows[f'CGD {args.descriptors}, trained {args.epochs} epochs'] = evaluate(result.model)
-    gallery = splits['test'] if 'test' in splits else splits['gallery']
+    name = f'CGD {args.descriptors}, trained {args.epochs} epochs'
+    embedded: Dict[str, Any] = {}
+    rows[name] = evaluate(result.model, cache=embedded)
+    data_config = data_config_of(result.model, args.img_size)
+    whitening = _centring(result.model, splits['train'], data_config, args)
+    if whitening is not None:
+        rows[f'{name}, centred'] = evaluate(result.model, whitening, cache=embedded)
     queries = len(splits['test']) if 'test' in splits else len(splits['query'])
     print(f'\nZero-shot retrieval on {queries} query images of unseen classes ({args.model_name}, {args.img_size} '
           f'px, {args.embed_dim}-d; training took {seconds:.0f} s):')
     print(_table(rows, ks))
-    _search_and_draw(result.model, gallery, data_config_of(result.model, args.img_size), args, result.best_dir)
+    print('\nMean cosine similarity between evaluation images, same class / different classes:')
+    print('\n'.join(f'  {row}: {_fmt_cosines(m["cos same"], m["cos other"])}' for row, m in rows.items()))
+    if whitening is not None:
+        print('Raw CGD embeddings share one large common component (all cosines near 1); "centred" subtracts the '
+              'mean\nembedding of the training images, as the index below does.')
+    emb, labels, _ = embedded[gallery_split]
+    _search_and_draw(result.model, gallery, emb, labels, whitening, args, result.best_dir)
     return rows
 
 
