@@ -139,11 +139,6 @@ def _append_jsonl(path: Path, rows: List[Dict[str, Any]]) -> None:
         tmp.write_text(''.join(json.dumps(r, sort_keys=True) + '\n' for r in rows), encoding='utf-8')
 
 
-def _append_jsonl(path: Path, rows: List[Dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(''.join(json.dumps(r, sort_keys=True) + '\n' for r in rows), encoding='utf-8')
-
-
 @dataclass
 class _Run:
     """A run in progress: what the steps of :func:`train` share."""
