@@ -36,7 +36,8 @@ def floats_after(label, text):
 
 def test_the_examples_are_there():
     assert NAMES == ['01_own_backbone.py', '02_train_and_evaluate.py', '03_index_and_search.py',
-                     '04_export_onnx.py', '05_torchrun_training.py']
+                     '04_export_onnx.py', '05_torchrun_training.py', '06_postprocess.py',
+                     '07_distributed_extraction.py']
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -126,3 +127,37 @@ def test_05_torchrun_training_two_processes(tmp_path):
     assert len(rows) == 2 and all(math.isfinite(float(loss)) and 0 <= float(r1) <= 1 for loss, r1 in rows), out
     assert (tmp_path / 'run' / 'best' / 'model.safetensors').is_file()
     assert (tmp_path / 'run' / 'last' / 'training_state.safetensors').is_file()
+
+
+def test_06_postprocess(tmp_path):
+    out = run_example('06_postprocess.py', '--out', tmp_path)
+    assert 'embeddings: 48 training images (whitenings learn here), 32 test images, 64-d' in out, out
+    assert 'learned whitening 64 -> 32 saved in' in out
+    assert (tmp_path / 'whitening' / 'whitening.safetensors').is_file()
+    rows = re.findall(r'^\| ([^|]+) \| (\S+) \| (\S+) \| (\S+) \| (\S+) \|$', out, flags=re.MULTILINE)
+    names = [name for name, *_ in rows][1:]  # the header row first
+    assert names == ['none', 'PCA-whitening 32', 'learned whitening 32', 'alpha-QE n=2', 'DBA n=2',
+                     're-ranking 4,2,0.3', 'learned whitening + QE + re-ranking'], out
+    for name, *cells in rows[1:]:
+        values = [float(v) for v in cells]
+        assert all(0 <= v <= 100 for v in values) and values[:3] == sorted(values[:3]), (name, values)
+
+
+def _units_example(tmp_path, launcher=(), env=None):
+    out = run_example('07_distributed_extraction.py', '--out', tmp_path, launcher=launcher, env=env)
+    assert '80 images in 5 units of 16' in out and 'each image exactly once: True' in out, out
+    assert 'index: 80 vectors, ShardedIndex' in out and 'queries that find themselves first: 5/5' in out, out
+    return out
+
+
+def test_07_distributed_extraction_single_process(tmp_path):
+    out = _units_example(tmp_path)
+    assert 'embedded by 1 process(es)' in out
+    assert len(list((tmp_path / 'units').glob('unit-*.safetensors'))) == 5
+
+
+@pytest.mark.slow  # starts two processes under torchrun
+def test_07_distributed_extraction_two_processes(tmp_path):
+    out = _units_example(tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                         launcher=('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2'))
+    assert out.count('embedded by 2 process(es)') == 1, out  # only rank 0 prints
