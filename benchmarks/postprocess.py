@@ -48,7 +48,7 @@ DATASETS = {
 }
 #: hyper-parameter grids of the quality part (all chosen on the held-out training classes)
 GRID: Dict[str, Tuple] = {
-    'whiten_dim': (512, 256, 128), 'shrinkage': (0.5, 1.0), 'qe': (1, 2, 5, 10), 'alpha': (0.0, 1.0, 3.0),
+    'whiten_dim': (512, 256, 128), 'shrinkage': (0.25, 0.5, 1.0), 'qe': (1, 2, 5, 10), 'alpha': (0.0, 1.0, 3.0),
     'dba': (1, 2, 5), 'k1': (10, 20), 'k2': (3, 6), 'lambda': (0.1, 0.3),
 }
 #: --quick: the first two values of every list (a smoke run of every code path)
@@ -189,7 +189,7 @@ def fit_whitening(spec: Spec, emb: np.ndarray, labels: np.ndarray):
     from cgd_heads.retrieval.whitening import Whitening
     kind, dim, shrinkage = spec
     if kind == 'learned':
-        return Whitening.fit_learned(emb, labels, dim)
+        return Whitening.fit_learned(emb, labels, dim, shrinkage=shrinkage)
     return Whitening.fit_pca(emb, dim, whiten=kind == 'pca-whiten', shrinkage=shrinkage if shrinkage else 1.0)
 
 
@@ -199,7 +199,7 @@ def describe(config: Config) -> str:
     if config.get('whitening'):
         kind, dim, shrinkage = config['whitening']
         parts.append({'pca': f'PCA d={dim}', 'pca-whiten': f'PCA-whitening d={dim}, shrinkage {shrinkage:g}',
-                      'learned': f'learned whitening d={dim}'}[kind])
+                      'learned': f'learned whitening d={dim}, shrinkage {shrinkage:g}'}[kind])
     alpha = config.get('qe_alpha', 0.0)
     if config.get('dba', 0) > 1:
         parts.append(f'DBA n={config["dba"]}, alpha={alpha:g}')
@@ -260,7 +260,7 @@ def search_spaces(grid: Dict[str, Tuple], input_dim: int) -> Dict[str, List[Conf
         'dims': dims,
         'pca': [{'whitening': ('pca', d, 0.0)} for d in dims],
         'pca-whiten': [{'whitening': ('pca-whiten', d, s)} for d in dims for s in grid['shrinkage']],
-        'learned': [{'whitening': ('learned', d, 1.0)} for d in dims],
+        'learned': [{'whitening': ('learned', d, s)} for d in dims for s in grid['shrinkage']],
         'qe': [{'qe': n, 'qe_alpha': a} for n in grid['qe'] for a in grid['alpha']],
         'dba': dba,
         'dba_qe': dba_qe,
@@ -276,7 +276,7 @@ def choose_rows(ev: Evaluator, space: Dict[str, List[Config]]) -> List[Tuple[str
     """``(row, chosen config, its validation scores, whitening fitted on)`` for every row of the table."""
     rows = [('none', {}, ev.choose([{}])[1], 'fit')]
     for kind, name in WHITENING_ROWS.items():
-        for dim in space['dims']:  # one row per output dim; PCA-whitening's shrinkage chosen per dim
+        for dim in space['dims']:  # one row per output dim; the whitenings' shrinkage chosen per dim
             candidates = [c for c in space[kind] if c['whitening'][1] == dim]
             rows.append((f'{name} d={dim}', *ev.choose(candidates), 'fit'))
     rows.append(('alpha-QE', *ev.choose(space['qe']), 'fit'))
@@ -349,8 +349,8 @@ def write_quality(args, argv, protocol: str, counts: Dict[str, int], grid: Dict[
         f'among them. Every hyper-parameter is the one with the best validation R@1 (ties: MAP@R); whitenings are '
         f'learned on the other {c["fit_classes"]} training classes ({c["fit_images"]} images). The test split '
         'chooses nothing.',
-        f'- Grids: whitening d in {dims} (<= the input dim; one row per kind and d), PCA-whitening shrinkage in '
-        f'{list(grid["shrinkage"])}; '
+        f'- Grids: whitening d in {dims} (<= the input dim; one row per kind and d), shrinkage (power on the '
+        f'eigenvalues) of PCA-whitening and learned whitening in {list(grid["shrinkage"])}; '
         f'alpha-QE n in {list(grid["qe"])}, alpha in {list(grid["alpha"])}; DBA n in {list(grid["dba"])} (n = 1 is '
         f'off; alpha as QE\'s, shared when both run); re-ranking k1 in {list(grid["k1"])}, k2 in {list(grid["k2"])}, '
         f'lambda in {list(grid["lambda"])}. "best whitening" is the best of all whitening candidates; the '

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='learn a whitening on the train split embeddings and apply it: pca (rotation), pca-whiten '
                         '(PCA whitening) or learned (supervised, from the labels)')
     g.add_argument('--whiten-dim', type=int, metavar='N', help='output dim of --learn-whitening (default: all)')
+    g.add_argument('--whiten-shrinkage', type=float, metavar='S',
+                   help='power in [0, 1] on the eigenvalues of --learn-whitening pca-whiten / learned (default 1: '
+                        'full whitening; 0.5 was best on CARS196, see benchmarks/results/postprocess_cars196.md)')
     g.add_argument('--whiten-out', metavar='PATH', help='save the --learn-whitening result to this folder')
     g.add_argument('--dba', type=int, default=0, metavar='N', help='database-side augmentation over N neighbours '
                                                                    '(the item included); 0 = off')
@@ -67,8 +70,14 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f'--dba must be an int >= 0 (neighbours including the item, 0 = off), got {args.dba}')
     if args.whiten and args.learn_whitening:
         raise ValueError('pass at most one of --whiten PATH (a saved whitening) and --learn-whitening KIND')
-    if not args.learn_whitening and (args.whiten_dim is not None or args.whiten_out):
-        raise ValueError('--whiten-dim and --whiten-out need --learn-whitening {pca,pca-whiten,learned}')
+    if not args.learn_whitening and (args.whiten_dim is not None or args.whiten_out or
+                                     args.whiten_shrinkage is not None):
+        raise ValueError('--whiten-dim, --whiten-shrinkage and --whiten-out need --learn-whitening '
+                         '{pca,pca-whiten,learned}')
+    if args.whiten_shrinkage is not None and args.learn_whitening == 'pca':
+        raise ValueError('--whiten-shrinkage needs --learn-whitening pca-whiten or learned (pca only rotates)')
+    if args.whiten_shrinkage is not None and not 0 <= args.whiten_shrinkage <= 1:
+        raise ValueError(f'--whiten-shrinkage must be in [0, 1], got {args.whiten_shrinkage}')
     if args.whiten_dim is not None and args.whiten_dim < 1:
         raise ValueError(f'--whiten-dim must be a positive int, got {args.whiten_dim}')
 
@@ -90,10 +99,12 @@ def _learn_whitening(args: argparse.Namespace, model: CGDModel, splits: Dict[str
         emb, labels = embed_split(model, splits['train'], data_config, **embed_kwargs)
     if args.whiten_dim is not None and args.whiten_dim > emb.shape[1]:
         raise ValueError(f'--whiten-dim must be at most the embedding dim {emb.shape[1]}, got {args.whiten_dim}')
+    shrinkage = 1.0 if args.whiten_shrinkage is None else args.whiten_shrinkage
     if args.learn_whitening == 'learned':
-        fitted = Whitening.fit_learned(emb, labels, args.whiten_dim)
+        fitted = Whitening.fit_learned(emb, labels, args.whiten_dim, shrinkage)
     else:
-        fitted = Whitening.fit_pca(emb, args.whiten_dim, whiten=args.learn_whitening == 'pca-whiten')
+        fitted = Whitening.fit_pca(emb, args.whiten_dim, whiten=args.learn_whitening == 'pca-whiten',
+                                   shrinkage=shrinkage)
     whitening = Whitening(fitted.mean, fitted.projection, fitted.kind, fitted.shrinkage,
                           model_fingerprint(model.config))
     if args.whiten_out:
@@ -151,6 +162,7 @@ def run(args: argparse.Namespace) -> None:
     print_metrics(f'{args.checkpoint} on {args.data} ({args.split}, {metrics["num_queries"]} queries):', metrics)
     if args.output:
         steps = {'whitening': args.whiten or args.learn_whitening, 'whiten_dim': whitening and whitening.dim,
+                 'whiten_shrinkage': whitening and whitening.shrinkage,
                  'dba': args.dba, 'qe': args.qe, 'qe_alpha': args.qe_alpha, 'rerank': rerank and list(rerank)}
         atomic_write_json(args.output, dict(metrics, checkpoint=str(args.checkpoint), data=str(args.data),
                                             split=args.split, flip=args.flip, scales=list(args.scales),

@@ -119,7 +119,7 @@ class Whitening:
         return cls(mean, projection, 'pca', power)
 
     @classmethod
-    def fit_learned(cls, embeddings: ArrayLike, labels: Any, dim: Optional[int] = None,
+    def fit_learned(cls, embeddings: ArrayLike, labels: Any, dim: Optional[int] = None, shrinkage: float = 1.0,
                     normalize: bool = False) -> 'Whitening':
         """Supervised learned whitening (Radenovic et al. 2018): whiten matching pairs, then rotate by PCA of the
         non-matching pairs in the whitened space.
@@ -129,32 +129,37 @@ class Whitening:
 
             C_S = (1/|P_S|) sum_{(i,j) in P_S} (x_i - x_j)(x_i - x_j)^T
             C_D = (1/|P_D|) sum_{(i,j) in P_D} (x_i - x_j)(x_i - x_j)^T
-            W   = C_S^{-1/2}  (symmetric; eigenvalues floored as in :meth:`fit_pca`)
+            W   = C_S^{-s/2}  (symmetric, s = shrinkage; eigenvalues floored as in :meth:`fit_pca`)
             W C_D W = V diag(mu) V^T,   mu decreasing
             P   = W V[:, :dim]
 
         Both sums run over *every* pair, none sampled: they are computed in closed form per class,
         ``sum_{i<j in c} (x_i - x_j)(x_i - x_j)^T = n_c X_c^T X_c - s_c s_c^T`` (``s_c`` the class sum), and
         ``C_D`` as all pairs minus matching pairs, in O(N D^2) time and O(D^2 + C D) memory. Column signs are
-        fixed as in :meth:`fit_pca`. ``shrinkage`` is stored as 1 (``C_S^{-1/2}`` whitens fully).
+        fixed as in :meth:`fit_pca`. ``s = 1`` is the paper's full whitening; ``s < 1`` damps the amplification of
+        directions in which the training classes barely vary, which do not carry over to unseen classes when the
+        pairs come from few images per dimension (``s = 0`` is a rotation by the principal directions of
+        non-matching differences).
 
         Args:
             embeddings: ``(N, D)`` L2-normalised embeddings, ``N >= 2``.
             labels: ``N`` class labels (ints or strs; tensor, array or sequence).
             dim: Output dimension, ``1 <= dim <= D`` (None = D).
+            shrinkage: Power s in ``[0, 1]`` on the eigenvalues of ``C_S``.
             normalize: L2-normalise the embeddings instead of requiring unit norm.
 
         Raises:
-            TypeError: non-float embeddings, float labels, a non-int ``dim``.
-            ValueError: as :meth:`fit_pca`; every label unique (no matching pair: ``C_S`` undefined); a single
-                class (no non-matching pair: ``C_D`` undefined).
+            TypeError: non-float embeddings, float labels, a non-int ``dim``, a non-real ``shrinkage``.
+            ValueError: as :meth:`fit_pca` (``shrinkage`` outside ``[0, 1]`` included); every label unique (no
+                matching pair: ``C_S`` undefined); a single class (no non-matching pair: ``C_D`` undefined).
         """
         x, dim = _fit_inputs(embeddings, dim, normalize)
+        power = check_real(shrinkage, 'shrinkage', 0.0, 1.0)
         match, non_match = _pair_covariances(x, as_labels(labels, len(x), 'labels'))
         values, vectors = _sorted_eigh(match, 'the covariance of matching-pair differences')
-        inverse_sqrt = (vectors * values ** -0.5) @ vectors.T
-        _, rotation = _sorted_eigh(inverse_sqrt @ non_match @ inverse_sqrt, 'the whitened non-matching covariance')
-        return cls(x.mean(axis=0), inverse_sqrt @ rotation[:, :dim], 'learned', 1.0)
+        whiten = (vectors * values ** (-power / 2)) @ vectors.T
+        _, rotation = _sorted_eigh(whiten @ non_match @ whiten, 'the whitened non-matching covariance')
+        return cls(x.mean(axis=0), whiten @ rotation[:, :dim], 'learned', power)
 
     def apply(self, x: ArrayLike, normalize: bool = False) -> np.ndarray:
         """``normalise((x - mean) @ projection)``: the whitened, L2-normalised ``(N, dim)`` float32 embeddings.

@@ -146,8 +146,8 @@ def test_eval_learns_and_applies_post_processing_and_index_search_use_it(trained
     out = capsys.readouterr().out
     assert 'whitening (learned, 16 -> 8 dims) learned on 36 train images' in out and '| nmi |' in out
     learned = json.loads((tmp_path / 'learned.json').read_text())
-    assert learned['postprocess'] == {'whitening': 'learned', 'whiten_dim': 8, 'dba': 2, 'qe': 2, 'qe_alpha': 3.0,
-                                      'rerank': [4, 2, 0.3]}
+    assert learned['postprocess'] == {'whitening': 'learned', 'whiten_dim': 8, 'whiten_shrinkage': 1.0, 'dba': 2,
+                                      'qe': 2, 'qe_alpha': 3.0, 'rerank': [4, 2, 0.3]}
     config = CGDModel.from_pretrained(checkpoint).config
     whitening = Whitening.load(tmp_path / 'white', expected_fingerprint=model_fingerprint(config))
     # the printed metrics are the library's on the (raw) saved test embeddings with the same steps
@@ -175,6 +175,21 @@ def test_eval_learns_and_applies_post_processing_and_index_search_use_it(trained
     assert len(top) == 3 and top[0]['path'] == str(query) and top[0]['label'] == 'class_07'
 
 
+def test_eval_whiten_shrinkage_is_the_power_of_the_fitted_whitening(trained, tmp_path):
+    from cgd_heads import Whitening
+    from cgd_heads.retrieval.extract import load_embeddings
+    data, checkpoint = trained
+    assert eval_main(['--checkpoint', str(checkpoint), '--data', str(data), '--train-classes', '6', '--split',
+                      'train', '--num-workers', '0', '--quiet', '--learn-whitening', 'learned', '--whiten-dim', '8',
+                      '--whiten-shrinkage', '0.5', '--whiten-out', str(tmp_path / 'white'),
+                      '--save-embeddings', str(tmp_path / 'train.safetensors')]) == 0
+    saved = Whitening.load(tmp_path / 'white')
+    emb, labels, _, _ = load_embeddings(tmp_path / 'train.safetensors')  # the train split: what it was fitted on
+    reference = Whitening.fit_learned(emb, labels, dim=8, shrinkage=0.5)
+    assert saved.shrinkage == 0.5
+    np.testing.assert_allclose(saved.projection, reference.projection, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('main, extra, message', [
     (eval_main, ['--rerank', '20,6'], '--rerank must be k1,k2,lambda with positive ints'),
     (eval_main, ['--rerank', '20,6,1.5'], '--rerank must be k1,k2,lambda'),
@@ -182,7 +197,9 @@ def test_eval_learns_and_applies_post_processing_and_index_search_use_it(trained
     (eval_main, ['--qe-alpha', '-2'], '--qe-alpha must be a real >= 0'),
     (eval_main, ['--dba', '-1'], '--dba must be an int >= 0'),
     (eval_main, ['--whiten', 'W', '--learn-whitening', 'pca'], 'pass at most one of --whiten PATH'),
-    (eval_main, ['--whiten-dim', '4'], '--whiten-dim and --whiten-out need --learn-whitening'),
+    (eval_main, ['--whiten-dim', '4'], '--whiten-dim, --whiten-shrinkage and --whiten-out need --learn-whitening'),
+    (eval_main, ['--learn-whitening', 'pca', '--whiten-shrinkage', '0.5'], '--whiten-shrinkage needs'),
+    (eval_main, ['--learn-whitening', 'learned', '--whiten-shrinkage', '2'], '--whiten-shrinkage must be in [0, 1]'),
     (eval_main, ['--learn-whitening', 'pca', '--whiten-dim', '99'], '--whiten-dim must be at most the embedding'),
     (eval_main, ['--whiten', 'OTHER'], 'was learned for another model'),
     (eval_main, ['--whiten', 'MISSING'], '--whiten MISSING is not a folder'),

@@ -4,6 +4,7 @@ import contextlib
 import io
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,25 @@ def test_cosines_are_printed_with_the_decimals_that_tell_them_from_one():
     assert demo._fmt_cosines(0.99992, 0.9999) == '0.99992 / 0.99990'
     assert demo._fmt_cosines(0.0849, 0.016) == '0.085 / 0.016'
     assert demo._fmt_cosines(float('nan'), -0.25) == 'n/a / -0.250'
+
+
+#: what the README allows between its demo table and a rerun on another machine (points, every cell)
+README_TOLERANCE = 3.0
+
+
+@pytest.mark.slow  # the README's own command with its defaults: about a minute of training
+def test_readme_demo_table_matches_a_rerun_of_the_default_demo(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / 'README.md').read_text(encoding='utf-8')
+    block = readme[readme.index('It printed on this project'):]
+    stated = _table_rows(block[block.index('```text\n') + 8:block.index('```', block.index('```text\n') + 8)])
+    assert f'{README_TOLERANCE:.0f} points on every number' in readme.replace('\n', ' ')
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        demo.run(demo._parser().parse_args(['--quiet', '--out', str(tmp_path / 'demo')]))
+    measured = _table_rows(printed.getvalue())
+    assert list(measured) == list(stated), (list(measured), list(stated))
+    for name, values in stated.items():
+        assert measured[name] == pytest.approx(values, abs=README_TOLERANCE), (name, measured[name], values)
+    # the README's promise: training plainly beats the untrained network on the unseen classes
+    trained = [name for name in stated if name.startswith('CGD')][0]
+    assert measured[trained][0] > measured['untrained (random init)'][0] + 10

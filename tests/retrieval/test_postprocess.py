@@ -68,24 +68,28 @@ def pair_covariances_by_loops(x: np.ndarray, labels: np.ndarray):
     return match / num_match, non_match / num_non_match
 
 
-def test_learned_whitening_matches_the_pairwise_definition():
+@pytest.mark.parametrize('shrinkage', [1.0, 0.5, 0.0])
+def test_learned_whitening_matches_the_pairwise_definition(shrinkage):
     # 6 classes in 5 dims: distinct eigenvalues (7.3, 3.9, 2.8, 1.7, 1.1), so the eigenvectors are defined up to
     # sign (with fewer classes than dims the trailing eigenvalues are equal and any rotation of them is valid)
     x, labels = clustered(6, 8, dim=5, noise=0.6, seed=0)
     x64 = x.astype(np.float64)
     c_s, c_d = pair_covariances_by_loops(x64, labels)
-    whiten = scipy.linalg.fractional_matrix_power(c_s, -0.5).real
+    whiten = scipy.linalg.fractional_matrix_power(c_s, -shrinkage / 2).real
     mu, vectors = np.linalg.eigh(whiten @ c_d @ whiten)
     order = np.argsort(-mu)
-    w = Whitening.fit_learned(torch.from_numpy(x), torch.from_numpy(labels), dim=4)
+    kwargs = {} if shrinkage == 1.0 else {'shrinkage': shrinkage}  # 1 is the default
+    w = Whitening.fit_learned(torch.from_numpy(x), torch.from_numpy(labels), dim=4, **kwargs)
     reference = align_signs(whiten @ vectors[:, order[:4]], w.projection)
     np.testing.assert_allclose(w.projection, reference, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(w.mean, x64.mean(axis=0), atol=1e-6)
-    # what the construction guarantees: matching differences become white, non-matching ones decorrelated and sorted
+    # what the construction guarantees: non-matching differences decorrelated and sorted, and with full whitening
+    # (s = 1) the matching differences white
     p = w.projection.astype(np.float64)
-    np.testing.assert_allclose(p.T @ c_s @ p, np.eye(4), atol=1e-4)
     np.testing.assert_allclose(p.T @ c_d @ p, np.diag(mu[order[:4]]), atol=1e-4)
-    assert (w.kind, w.shrinkage) == ('learned', 1.0)
+    if shrinkage == 1.0:
+        np.testing.assert_allclose(p.T @ c_s @ p, np.eye(4), atol=1e-4)
+    assert (w.kind, w.shrinkage) == ('learned', shrinkage)
 
 
 def test_learned_whitening_improves_recall_at_1_on_unseen_classes():
@@ -183,6 +187,10 @@ def test_whitening_rejects_bad_data():
         Whitening.fit_learned(x, labels[:-1])
     with pytest.raises(TypeError, match='ints or strs'):
         Whitening.fit_learned(x, labels.astype(float))
+    with pytest.raises(ValueError, match='shrinkage'):
+        Whitening.fit_learned(x, labels, shrinkage=1.5)
+    with pytest.raises(TypeError, match='shrinkage'):
+        Whitening.fit_learned(x, labels, shrinkage='half')
     with pytest.raises(ValueError, match='16 columns'):
         Whitening.fit_pca(x).apply(unit(np.ones((2, 8))))
 
