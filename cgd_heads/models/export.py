@@ -7,6 +7,7 @@ the one exported with and compares it to PyTorch; it also checks that different 
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -30,6 +31,16 @@ def _input_size(model: nn.Module, input_size: Optional[Tuple[int, int, int]]) ->
     return tuple(cfg.get('input_size') or (3, 224, 224))
 
 
+def _require_export_packages(verify: bool) -> None:
+    """Raise one ImportError naming every missing package of the export (before any work is done): torch's ONNX
+    exporter needs ``onnx`` and ``onnxscript``, the verification ``onnxruntime``."""
+    needed = ('onnx', 'onnxscript') + (('onnxruntime',) if verify else ())
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"exporting to ONNX needs {', '.join(missing)}: pip install 'cgd_heads[export]' "
+                          '(onnx, onnxscript, onnxruntime)')
+
+
 def export_onnx(
         model: nn.Module,
         path: PathLike,
@@ -49,10 +60,16 @@ def export_onnx(
 
     Returns:
         The path written.
+
+    Raises:
+        ImportError: ``onnx`` or ``onnxscript`` (or, with ``verify``, ``onnxruntime``) is missing: the ``export``
+            extra installs them.
+        ValueError: ``path`` does not end in ``.onnx``; the verification fails.
     """
     path = Path(path)
     if path.suffix != '.onnx':
         raise ValueError(f'path must end in .onnx, got {path}')
+    _require_export_packages(verify)
     size = _input_size(model, input_size)
     was_training = model.training
     model.eval()
@@ -81,7 +98,7 @@ def verify_onnx(model: nn.Module, path: PathLike, input_size: Tuple[int, int, in
     try:
         import onnxruntime
     except ImportError as e:
-        raise ImportError('verifying an ONNX export needs onnxruntime: pip install onnxruntime') from e
+        raise ImportError("verifying an ONNX export needs onnxruntime: pip install 'cgd_heads[export]'") from e
     session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     images = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0))
     exported = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]

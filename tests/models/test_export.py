@@ -51,6 +51,25 @@ def test_bad_path():
         export_onnx(torch.nn.Identity(), 'model.pt')
 
 
+@pytest.mark.parametrize('absent, verify, named', [('onnxscript', True, 'onnxscript'),
+                                                   ('onnxruntime', True, 'onnxruntime'),
+                                                   ('onnxruntime', False, None)])
+def test_missing_export_packages_are_named_with_the_extra_before_any_work(absent, verify, named, tmp_path,
+                                                                          monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == absent else
+                        real_find_spec(name, *a))
+    present = all(real_find_spec(n) is not None for n in ('onnx', 'onnxscript', 'onnxruntime') if n != absent)
+    if named is None:  # onnxruntime is only needed to verify
+        if not present:
+            pytest.skip('onnx/onnxscript not installed (they are in the dev extra)')
+        assert export_onnx(torch.nn.Flatten(), tmp_path / 'f.onnx', input_size=(1, 2, 2), verify=False).is_file()
+        return
+    with pytest.raises(ImportError, match=rf"needs .*{named}.*pip install 'cgd_heads\[export\]'"):
+        export_onnx(torch.nn.Flatten(), tmp_path / 'f.onnx', input_size=(1, 2, 2), verify=verify)
+    assert not (tmp_path / 'f.onnx').exists()
+
+
 def test_torchscript_trace_and_torch_export_match_eager():
     torch.manual_seed(0)
     model = create_model('test_resnet', descriptors='SMG', embed_dim=48, learnable_p=True).eval()
