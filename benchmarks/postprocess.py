@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -174,9 +174,28 @@ def cached_embeddings(args: argparse.Namespace, model, data_config: Dict[str, An
     return emb.numpy(), labels.numpy()
 
 
-def held_out_mask(train_list, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def validation_classes(args: argparse.Namespace) -> None:
+    """Fill ``args.val_classes`` / ``args.seed`` left unset from the checkpoint's run (``RUN/train_config.json``
+    beside ``RUN/best``): the same count and seed draw the same classes as training's validation split, classes the
+    model never trained on. Without that file: 0.2 and seed 0 (the held-out classes may then include classes the
+    model was trained on, which flatters validation but never touches the test classes)."""
+    config_path = Path(args.checkpoint).resolve().parent / 'train_config.json'
+    run = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    from_run = bool(run.get('val_classes')) and args.val_classes is None and args.seed in (None, run.get('seed'))
+    if from_run:
+        args.val_classes, args.seed = run['val_classes'], run.get('seed', 0)
+        args.val_source = f"the model's own validation classes (read from {config_path.name} of the run)"
+    else:
+        given = args.val_classes is not None or args.seed is not None
+        args.val_classes = 0.2 if args.val_classes is None else args.val_classes
+        args.seed = 0 if args.seed is None else args.seed
+        args.val_source = 'as given on the command line' if given else \
+            f'no validation split in {config_path.name} beside the checkpoint: may include classes it trained on'
+
+
+def held_out_mask(train_list, labels: np.ndarray, held_out: Union[int, float], seed: int) -> np.ndarray:
     """True for the training images of the held-out classes (drawn by ``ImageList.split_classes``)."""
-    _, held = train_list.split_classes(fraction, seed=seed)
+    _, held = train_list.split_classes(held_out, seed=seed)
     names = np.asarray(train_list.class_names, dtype=object)
     return np.isin(names[labels], np.asarray(held.class_names, dtype=object))
 
@@ -303,7 +322,7 @@ def quality(args: argparse.Namespace, argv: List[str]) -> None:
     model, data_config = load_checkpoint(args.checkpoint, args.img_size)
     train = cached_embeddings(args, model, data_config, train_list)
     test = cached_embeddings(args, model, data_config, test_list)
-    held = held_out_mask(train_list, train[1], args.val_fraction, args.seed)
+    held = held_out_mask(train_list, train[1], args.val_classes, args.seed)
     ev = Evaluator((train[0][~held], train[1][~held]), (train[0][held], train[1][held]), test)
     ev.sets['train'] = train
     grid = QUICK_GRID if args.quick else GRID
@@ -345,7 +364,8 @@ def write_quality(args, argv, protocol: str, counts: Dict[str, int], grid: Dict[
         f'test images (query-vs-rest); R@1 and MAP@R in %. NMI of the raw test embeddings (faiss k-means, k = '
         f'classes, seed 0): **{pct(nmi)}**.',
         f'- Validation: {c["held_out_classes"]} of the {c["train_classes"]} TRAINING classes ({c["held_out_images"]} '
-        f'images; fraction {args.val_fraction}, seed {args.seed}, drawn by `ImageList.split_classes`), query-vs-rest '
+        f'images; --val-classes {args.val_classes}, seed {args.seed}, {args.val_source}; drawn by '
+        f'`ImageList.split_classes`), query-vs-rest '
         f'among them. Every hyper-parameter is the one with the best validation R@1 (ties: MAP@R); whitenings are '
         f'learned on the other {c["fit_classes"]} training classes ({c["fit_images"]} images). The test split '
         'chooses nothing.',
@@ -564,9 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument('--data', help='data root (default for cars196 / omniglot: $CGD_HEADS_DATA/<dataset>)')
     q.add_argument('--train-classes', type=count_or_fraction,
                    help='--dataset folder: the first N classes (or a fraction) train, the rest test')
-    q.add_argument('--val-fraction', type=float, default=0.2,
-                   help='fraction of the training classes held out for validation (default %(default)s)')
-    q.add_argument('--seed', type=int, default=0, help='seed of the held-out class draw (default %(default)s)')
+    q.add_argument('--val-classes', type=count_or_fraction,
+                   help='training classes held out for validation, a count or a fraction (default: the checkpoint '
+                        "run's own --val-classes, read from RUN/train_config.json, so that the held-out classes are "
+                        'ones the model never trained on; 0.2 when that file is absent)')
+    q.add_argument('--seed', type=int, help="seed of the held-out class draw (default: the checkpoint run's, else 0)")
     q.add_argument('--img-size', type=int, help='image size (default: the size the checkpoint was trained at)')
     q.add_argument('--device', default='auto', help='device of the embedding pass (default %(default)s)')
     q.add_argument('--batch-size', type=int, default=128, help='batch size of the embedding pass (default %(default)s)')
@@ -596,8 +618,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error('--part quality needs --checkpoint RUN/best and --dataset')
         if args.dataset == 'folder' and (not args.data or args.train_classes is None):
             p.error('--dataset folder needs --data DIR and --train-classes N')
-        if not 0 < args.val_fraction < 1:
-            p.error(f'--val-fraction must be in (0, 1), got {args.val_fraction}')
+        validation_classes(args)
+        if args.val_classes <= 0 or (isinstance(args.val_classes, float) and args.val_classes >= 1):
+            p.error(f'--val-classes must be a count >= 1 or a fraction in (0, 1), got {args.val_classes}')
         default = RESULTS / f'postprocess_{args.dataset}.md'
     else:
         args.sizes = args.sizes if args.sizes is not None else ([800] if args.quick else [20000, 60000, 120000])

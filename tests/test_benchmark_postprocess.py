@@ -89,3 +89,23 @@ def test_quality_quick_on_a_tiny_checkpoint(tmp_path):
     second = run(*args)  # the embeddings come from the cache, and the numbers do not change
     assert 'from the cache' in second.stdout and 'embedded' not in second.stdout
     assert table(out.read_text()) == rows
+
+
+def test_validation_classes_default_to_the_checkpoint_runs_own(tmp_path, monkeypatch):
+    import argparse
+    monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))
+    import postprocess
+
+    (tmp_path / 'run' / 'best').mkdir(parents=True)
+    (tmp_path / 'run' / 'train_config.json').write_text(json.dumps({'val_classes': 14, 'seed': 3}))
+
+    def resolved(checkpoint, val_classes=None, seed=None):
+        args = argparse.Namespace(checkpoint=str(checkpoint), val_classes=val_classes, seed=seed)
+        postprocess.validation_classes(args)
+        return args.val_classes, args.seed, args.val_source
+
+    assert resolved(tmp_path / 'run' / 'best')[:2] == (14, 3)  # training's validation classes: never trained on
+    assert resolved(tmp_path / 'run' / 'best', val_classes=0.3)[:2] == (0.3, 0)
+    assert 'as given' in resolved(tmp_path / 'run' / 'best', val_classes=0.3)[2]
+    assert resolved(tmp_path / 'elsewhere' / 'best')[:2] == (0.2, 0)
+    assert 'may include classes it trained on' in resolved(tmp_path / 'elsewhere' / 'best')[2]
