@@ -24,6 +24,11 @@ def test_scale_quick(tmp_path):
     flat, disk = payload['indexes']['flat'], payload['indexes']['ivfpq-disk']
     assert flat['recall@10'] == 1.0 and flat['count'] == disk['count'] == 2000  # flat shards are exact
     assert 0 < disk['recall@10'] <= 1 and disk['index_bytes'] < flat['index_bytes'] / 5  # PQ codes, not floats
+    assert flat['recall@1'] == 1.0 and 0 <= disk['recall@1'] <= 1
+    # the quick index has 16 lists: nprobe 4 is measured, 64 and 256 (> 16) are not
+    assert disk['settings']['nlist'] == 16 and [s['nprobe'] for s in disk['sweep']] == [4]
+    assert 0 < disk['sweep'][0]['qps'] and 0 <= disk['sweep'][0]['recall@10'] <= 1
+    assert '| ivfpq-disk | nprobe=4 |' in text
     if (SHARED_DATA / 'caltech101').is_dir() or (SHARED_DATA / 'omniglot').is_dir():
         rows = payload['extraction']
         assert [(r['processes'], r['threads']) for r in rows] == [(1, 2), (2, 1)]
