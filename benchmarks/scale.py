@@ -3,7 +3,8 @@ one or two processes. Writes ``benchmarks/results/scale.md`` and ``scale.json``.
 
 1. ``N`` synthetic clustered unit vectors (d = 512; ``N / 50`` Gaussian centres, unit-variance noise, as
    ``speed.py``'s index section) are generated chunk by chunk and written as units, never whole in memory; the
-   queries are gallery vectors plus noise (0.1 per coordinate), and the exact top 10 is found by streaming the units.
+   queries are gallery vectors plus a noise vector of norm ``--query-noise`` (0.5: cosine ~0.9 to the vector it was
+   made from, as a second photo of the same object), and the exact top 10 is found by streaming the units.
 2. Each index is built from the units by ``build_index_from_units`` in a fresh subprocess, and searched in
    another fresh subprocess: build time, peak resident memory (``VmHWM``) of each, bytes per vector on disk,
    queries/s (all queries in one batch, median of 3) and recall@10 against the exact top 10. Indexes: flat shards
@@ -64,7 +65,8 @@ def index_settings(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ synthetic units
-def write_units(work: Path, n: int, dim: int, unit_size: int, queries: int, seed: int = 0) -> np.ndarray:
+def write_units(work: Path, n: int, dim: int, unit_size: int, queries: int, query_noise: float,
+                seed: int = 0) -> np.ndarray:
     """Write ``n`` clustered unit vectors as units (one chunk in memory at a time); return the queries."""
     from cgd_heads import EmbeddingUnits
     rng = np.random.default_rng(seed)
@@ -80,7 +82,8 @@ def write_units(work: Path, n: int, dim: int, unit_size: int, queries: int, seed
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         units.write_unit(unit, x, labels)
         found.append(x[picked[(picked >= start) & (picked < stop)] - start])
-    q = np.concatenate(found) + 0.1 * rng.standard_normal((queries, dim), dtype=np.float32)
+    # Gaussian noise of expected norm query_noise (per coordinate query_noise / sqrt(d)) on unit vectors
+    q = np.concatenate(found) + query_noise / np.sqrt(dim) * rng.standard_normal((queries, dim), dtype=np.float32)
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -249,7 +252,8 @@ def write_report(path: Path, payload: Dict[str, Any]) -> None:
              f"- Command: `{payload['command']}`; wall time {payload['wall_s'] / 60:.1f} min.",
              f"- Gallery: {a['n']:,} synthetic clustered unit vectors, d = {a['dim']} ({a['n'] // 50:,} centres, "
              f"unit-variance noise), written as units of {a['unit_size']:,}; {a['queries']:,} queries (gallery "
-             f"vectors + 0.1 noise), k = 10: recall@10 is the overlap with the exact top 10, recall@1 the share of "
+             f"vectors + noise of norm {a['query_noise']:g}, cosine ~{1 / np.sqrt(1 + a['query_noise'] ** 2):.2f} to "
+             f"their source), k = 10: recall@10 is the overlap with the exact top 10, recall@1 the share of "
              f"queries whose exact nearest vector (the gallery vector the query was made from) is ranked first. In "
              f"512-d with unit-variance noise the ~50 members of a cluster are almost equidistant from a query, so "
              f"the exact ranks 2-10 are near-ties that approximate search rarely reproduces: recall@10 is a harsh "
@@ -304,6 +308,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--dim', type=int, default=512)
     p.add_argument('--unit-size', type=int, default=50_000)
     p.add_argument('--queries', type=int, default=1000)
+    p.add_argument('--query-noise', type=float, default=0.5,
+                   help='norm of the Gaussian noise added to the gallery vectors the queries are made from')
     p.add_argument('--indexes', default=','.join(INDEXES), help=f'comma-separated subset of {INDEXES}')
     p.add_argument('--nlist', type=int, help='IVF lists (default 4 sqrt(N))')
     p.add_argument('--train-size', type=int, help='IVF training sample (default 39 nlist)')
@@ -353,7 +359,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix='scale_work_'))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        queries = write_units(work, args.n, args.dim, args.unit_size, args.queries)
+        queries = write_units(work, args.n, args.dim, args.unit_size, args.queries, args.query_noise)
         np.save(work / 'queries.npy', queries)
         np.save(work / 'exact.npy', exact_top_k(work, queries, 10))
         print(f'{args.n:,} vectors in units, exact top 10 of {args.queries} queries: '
