@@ -20,6 +20,7 @@ Without ``--checkpoint`` a tiny randomly initialised model (same seed in every p
 one. Every process reads the same ``--data``; pass ``--out`` so that all processes agree on the units folder.
 """
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument('--img-size', type=int, default=48, help='image size of the tiny model')
     parser.add_argument('--device', default='auto', help='auto (one GPU per process when there are GPUs), cpu')
     args = parser.parse_args()
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and args.out is None:
+        parser.error('under torchrun pass --out DIR: every process must write into the same units folder')
     out = output_folder(args.out, 'distributed_extraction')
 
     model, data = load_model(args)
