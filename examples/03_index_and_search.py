@@ -18,7 +18,8 @@ import cgd_heads
 from cgd_heads.data import ImageDataset, ImageList, create_cgd_transform, load_splits
 from cgd_heads.retrieval import save_retrieval_grid
 
-from _synthetic import add_data_arguments, data_folder, output_folder
+from _synthetic import (add_checkpoint_arguments, add_data_arguments, checkpoint_or_tiny_model, data_folder,
+                        output_folder)
 
 
 def take(images: ImageList, ids) -> ImageList:
@@ -26,23 +27,12 @@ def take(images: ImageList, ids) -> ImageList:
     return ImageList([images.paths[i] for i in ids], [images.labels[i] for i in ids], images.class_names)
 
 
-def train_tiny_model(images: ImageList, out, args: argparse.Namespace):
-    """A few steps of CGD training on ``images`` (what --checkpoint replaces); returns the checkpoint folder."""
-    config = cgd_heads.TrainConfig(model_name='test_resnet', img_size=args.img_size, embed_dim=64, batch_size=16,
-                                   m_per_class=4, epochs=1, iters_per_epoch=6, lr=1e-3, val_classes=0,
-                                   device=args.device, num_workers=0, progress=False)
-    return cgd_heads.train(config, images, out).best_dir
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser)
-    parser.add_argument('--checkpoint', default=None,
-                        help='checkpoint folder (e.g. run/best); default: train a tiny model first')
+    add_checkpoint_arguments(parser)
     parser.add_argument('--num-queries', type=int, default=4, help='query images (one per class)')
     parser.add_argument('--top-k', type=int, default=5, help='results per query')
-    parser.add_argument('--img-size', type=int, default=48, help='image size of the tiny model trained without '
-                                                                  '--checkpoint')
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
     args = parser.parse_args()
     out = output_folder(args.out, 'index_and_search')
@@ -54,7 +44,7 @@ def main() -> None:
         gallery_ids = [i for i in range(len(images)) if i not in set(query_ids)]
         queries, gallery = take(images, query_ids), take(images, gallery_ids)
 
-        checkpoint = args.checkpoint or train_tiny_model(gallery, out / 'run', args)
+        checkpoint = checkpoint_or_tiny_model(args, gallery, out / 'run')
         model, saved = cgd_heads.load_pretrained(checkpoint, return_config=True)
         data = saved['data']
         transform = create_cgd_transform(data, is_training=False, img_size=data['img_size'])

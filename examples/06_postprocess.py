@@ -21,7 +21,8 @@ import cgd_heads
 from cgd_heads.data import ImageDataset, create_cgd_transform, load_splits
 from cgd_heads.utils.settings import count_or_fraction
 
-from _synthetic import add_data_arguments, data_folder, output_folder
+from _synthetic import (add_checkpoint_arguments, add_data_arguments, checkpoint_or_tiny_model, data_folder,
+                        output_folder)
 
 
 def rerank_setting(text: str):
@@ -33,19 +34,10 @@ def rerank_setting(text: str):
         raise argparse.ArgumentTypeError(f'expected k1,k2,lambda such as 20,6,0.3, got {text!r}') from None
 
 
-def train_tiny_model(images, out, args: argparse.Namespace):
-    """A few steps of CGD training on ``images`` (what --checkpoint replaces); returns the checkpoint folder."""
-    config = cgd_heads.TrainConfig(model_name='test_resnet', img_size=args.img_size, embed_dim=64, batch_size=16,
-                                   m_per_class=4, epochs=1, iters_per_epoch=6, lr=1e-3, val_classes=0,
-                                   device=args.device, num_workers=0, progress=False)
-    return cgd_heads.train(config, images, out).best_dir
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser)
-    parser.add_argument('--checkpoint', default=None,
-                        help='checkpoint folder (e.g. run/best); default: train a tiny model first')
+    add_checkpoint_arguments(parser)
     parser.add_argument('--train-classes', type=count_or_fraction, default=0.6,
                         help='classes whose embeddings the whitenings learn from (a fraction < 1 or a count); '
                              'the others are the test set')
@@ -56,15 +48,13 @@ def main() -> None:
     parser.add_argument('--dba', type=int, default=2, help='DBA: neighbours (the item included) per gallery item')
     parser.add_argument('--rerank', type=rerank_setting, default=(4, 2, 0.3),
                         help='k-reciprocal re-ranking k1,k2,lambda (the paper uses 20,6,0.3 on large galleries)')
-    parser.add_argument('--img-size', type=int, default=48, help='image size of the tiny model trained without '
-                                                                  '--checkpoint')
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
     args = parser.parse_args()
     out = output_folder(args.out, 'postprocess')
 
     with data_folder(args.data, args.synthetic_classes, args.synthetic_per_class) as root:
         splits = load_splits('folder', root, train_classes=args.train_classes)
-        checkpoint = args.checkpoint or train_tiny_model(splits['train'], out / 'run', args)
+        checkpoint = checkpoint_or_tiny_model(args, splits['train'], out / 'run')
         model, saved = cgd_heads.load_pretrained(checkpoint, return_config=True)
         data = saved['data']
         transform = create_cgd_transform(data, is_training=False, img_size=data['img_size'])

@@ -17,7 +17,8 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ['write_synthetic_folder', 'data_folder', 'output_folder', 'add_data_arguments']
+__all__ = ['write_synthetic_folder', 'data_folder', 'output_folder', 'add_data_arguments', 'add_checkpoint_arguments',
+           'checkpoint_or_tiny_model']
 
 SHAPES = ('circle', 'square', 'triangle', 'cross', 'ring', 'bar')
 COLOURS = ((230, 60, 50), (50, 170, 60), (60, 90, 230), (240, 200, 40), (200, 70, 200), (40, 200, 210))
@@ -106,3 +107,22 @@ def add_data_arguments(parser: argparse.ArgumentParser, num_classes: int = 10) -
                         help='classes of the synthetic data set written when --data is omitted')
     parser.add_argument('--synthetic-per-class', type=int, default=8,
                         help='images per class of the synthetic data set')
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` (a trained model's folder) and ``--img-size`` of the tiny model trained without it."""
+    parser.add_argument('--checkpoint', default=None,
+                        help='checkpoint folder (e.g. run/best); default: train a tiny model first')
+    parser.add_argument('--img-size', type=int, default=48, help='image size of the tiny model trained without '
+                                                                  '--checkpoint')
+
+
+def checkpoint_or_tiny_model(args: argparse.Namespace, images, out: Path):
+    """``args.checkpoint``, or the best checkpoint of a few CGD training steps on ``images`` written to ``out``."""
+    if args.checkpoint:
+        return args.checkpoint
+    import cgd_heads  # only the examples that train need it
+    config = cgd_heads.TrainConfig(model_name='test_resnet', img_size=args.img_size, embed_dim=64, batch_size=16,
+                                   m_per_class=4, epochs=1, iters_per_epoch=6, lr=1e-3, val_classes=0,
+                                   device=args.device, num_workers=0, progress=False)
+    return cgd_heads.train(config, images, out).best_dir
