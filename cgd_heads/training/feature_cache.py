@@ -54,7 +54,8 @@ def cached_feature_maps(
     """``backbone.forward_features`` of every image (eval transform), computed once and cached.
 
     Args:
-        backbone: The (frozen) feature extractor, e.g. ``create_model(...).backbone``.
+        backbone: The (frozen) feature extractor, e.g. ``create_model(...).backbone``, or any module whose call
+            gives the maps (the trunk of :func:`cgd_heads.models.split_backbone`).
         image_list: The images.
         data_config: Preprocessing (mean, std, interpolation, img_size), see :func:`cgd_heads.data.data_config_of`.
         description: What identifies the backbone and its weights (e.g. the model config plus the weights source);
@@ -79,9 +80,10 @@ def cached_feature_maps(
     backbone.eval().to(device)
     dataset = ImageDataset(image_list, create_cgd_transform(data_config, False, data_config['img_size']))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    forward = getattr(backbone, 'forward_features', backbone)  # a timm model, or a trunk of split_backbone
     chunks = []
     for images, _ in tqdm(loader, desc='feature maps', unit='batch', disable=not progress, leave=False):
-        chunks.append(backbone.forward_features(images.to(device)).to('cpu', torch.float16))
+        chunks.append(forward(images.to(device)).to('cpu', torch.float16))
     features = torch.cat(chunks)
     labels = torch.tensor(image_list.labels, dtype=torch.long)
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ the head configuration does with fixed features. Architectures (CGD paper, Figur
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, List, Optional
 
 import numpy as np
 import torch
@@ -40,11 +40,14 @@ class HeadTrainConfig(HeadSettings):
     architecture: str = setting('cgd', "'cgd', 'concat_fc' (B) or 'separate' (A), see the module docstring",
                                 choices=ARCHITECTURES)
 
+    #: the features are pooled once before training (not a field: a property of the trainer)
+    pools_once: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f'architecture must be one of {ARCHITECTURES}, got {self.architecture!r}')
-        if self.learnable_p:  # train_head pools the frozen maps once, so p would silently stay where it starts
+        if self.learnable_p and self.pools_once:  # train_head pools the frozen maps once: p would stay put
             raise ValueError('learnable_p=True cannot be trained on cached features (they are pooled once with a '
                              'fixed p); learn p end to end with train(), or fix gem_p')
 
@@ -68,10 +71,7 @@ def train_head(
 ) -> nn.Module:
     """Train a head on ``features`` (N, ...) with class ids ``labels`` (N,) in [0, C); returns it in eval mode."""
     seed_everything(config.seed)
-    num_classes = int(labels.max()) + 1
-    if num_classes * config.m_per_class < config.batch_size or config.batch_size % config.m_per_class:
-        raise ValueError(f'batch_size={config.batch_size} must be a multiple of m_per_class={config.m_per_class} and '
-                         f'at most num_classes * m_per_class = {num_classes * config.m_per_class}')
+    num_classes = check_batch(config, labels)
     channels = features.shape[1] if input_fmt == 'NCHW' else features.shape[-1]
     head = build_head(config, channels, num_classes, input_fmt)
     aux = getattr(head, 'aux_head', None)
@@ -86,23 +86,42 @@ def train_head(
         pooled = [torch.cat(parts) for parts in zip(*(head.pool(chunk.float()) for chunk in features.split(512)))]
     head.train()
     for epoch in range(config.epochs):
-        seed_everything(config.seed * 100003 + epoch)
-        sampler = MPerClassSampler(labels.numpy(), m=config.m_per_class, batch_size=config.batch_size,
-                                   length_before_new_iter=steps * config.batch_size)
-        order = np.fromiter(iter(sampler), dtype=np.int64)
-        for batch in torch.from_numpy(order).split(config.batch_size):
-            x, y = [p[batch] for p in pooled], labels[batch]
-            if config.architecture == 'separate':
-                logits = head.aux_head(x[0]) if head.aux_head is not None else None
-                loss = sum(criterion(b, y, logits if i == 0 else None) for i, b in enumerate(head.project(x)))
-            else:
-                embeddings, logits = head.forward_pooled(x)
-                loss = criterion(embeddings, y, logits)
+        for batch in epoch_batches(labels, config, epoch, steps):
+            loss = pooled_loss(head, criterion, config.architecture, [p[batch] for p in pooled], labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         scheduler.step()
     return head.eval()
+
+
+def check_batch(config: HeadSettings, labels: torch.Tensor) -> int:
+    """The number of classes in ``labels``; ValueError when m-per-class batches of ``config`` cannot be drawn."""
+    num_classes = int(labels.max()) + 1
+    if num_classes * config.m_per_class < config.batch_size or config.batch_size % config.m_per_class:
+        raise ValueError(f'batch_size={config.batch_size} must be a multiple of m_per_class={config.m_per_class} and '
+                         f'at most num_classes * m_per_class = {num_classes * config.m_per_class}')
+    return num_classes
+
+
+def epoch_batches(labels: torch.Tensor, config: HeadSettings, epoch: int, steps: int) -> List[torch.Tensor]:
+    """The ``steps`` m-per-class batches (index tensors) of one epoch, drawn from a seed of (config.seed, epoch)."""
+    seed_everything(config.seed * 100003 + epoch)
+    sampler = MPerClassSampler(labels.numpy(), m=config.m_per_class, batch_size=config.batch_size,
+                               length_before_new_iter=steps * config.batch_size)
+    order = np.fromiter(iter(sampler), dtype=np.int64)
+    return list(torch.from_numpy(order).split(config.batch_size))
+
+
+def pooled_loss(head: nn.Module, criterion: CGDLoss, architecture: str, pooled: List[torch.Tensor],
+                labels: torch.Tensor) -> torch.Tensor:
+    """The training loss of a head on pooled vectors: one ranking loss on the combined embedding (CGD, B), or one
+    per branch descriptor, summed (A, ``'separate'``); the classifier's loss on the first descriptor either way."""
+    if architecture == 'separate':
+        logits = head.aux_head(pooled[0]) if head.aux_head is not None else None
+        return sum(criterion(b, labels, logits if i == 0 else None) for i, b in enumerate(head.project(pooled)))
+    embeddings, logits = head.forward_pooled(pooled)
+    return criterion(embeddings, labels, logits)
 
 
 @torch.no_grad()

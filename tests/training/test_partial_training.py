@@ -1,0 +1,75 @@
+"""train_partial: the tail and the head learn on cached trunk maps, the classifier's gradient reaches the tail."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cgd_heads.retrieval.metrics import evaluate_retrieval
+from cgd_heads.training import HeadTrainConfig, PartialTrainConfig, embed_features, train_partial
+
+
+def clustered_maps(classes, per_class, seed):
+    """Trunk-like maps (N, 16, 4, 4): each class a direction in channel space at one spatial position, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, 16, generator=g)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    maps = torch.rand(len(labels), 16, 4, 4, generator=g)
+    maps[:, :, 1, 2] += 3 * centers[labels].relu() + 0.3 * torch.randn(len(labels), 16, generator=g)
+    return maps, labels
+
+
+def small_tail():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24), nn.ReLU())
+
+
+def test_partial_training_learns_on_unseen_classes():
+    train_x, train_y = clustered_maps(16, 8, seed=0)
+    test_x, test_y = clustered_maps(12, 8, seed=1)
+    config = PartialTrainConfig(descriptors='SG', embed_dim=16, epochs=15, batch_size=32, lr=3e-3)
+    untrained = small_tail().eval()
+    with torch.no_grad():
+        before = evaluate_retrieval(F.normalize(untrained(test_x).mean((2, 3)), dim=1), test_y)['map@r']
+    model = train_partial(config, small_tail(), train_x, train_y)
+    after = evaluate_retrieval(embed_features(model, test_x), test_y)['map@r']
+    assert after > before + 0.05, (before, after)
+    assert not model.training and embed_features(model, test_x).shape == (len(test_y), 16)
+
+
+@pytest.mark.parametrize('freeze_bn', [True, False])
+def test_the_classifier_alone_moves_the_tail_and_frozen_batch_norm_keeps_its_statistics(freeze_bn):
+    x, y = clustered_maps(8, 4, seed=0)
+    tail = small_tail()
+    start = copy.deepcopy(tail.state_dict())
+    config = PartialTrainConfig(descriptors='G', embed_dim=8, ranking_weight=0.0, epochs=1, batch_size=16,
+                                freeze_bn=freeze_bn)
+    train_partial(config, tail, x, y)
+    # classification loss only: any change of the tail's weights came through the auxiliary classifier
+    assert not torch.equal(tail[0].weight, start['0.weight'])
+    stats_kept = torch.equal(tail[1].running_mean, start['1.running_mean'])
+    assert stats_kept == freeze_bn
+
+
+def test_runs_repeat_exactly_and_flip_changes_the_batches():
+    x, y = clustered_maps(8, 4, seed=0)
+    config = PartialTrainConfig(descriptors='SG', embed_dim=8, epochs=2, batch_size=16)
+    first = embed_features(train_partial(config, small_tail(), x, y), x)
+    again = embed_features(train_partial(config, small_tail(), x, y), x)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    unflipped = PartialTrainConfig(descriptors='SG', embed_dim=8, epochs=2, batch_size=16, flip=False)
+    assert not torch.allclose(first, embed_features(train_partial(unflipped, small_tail(), x, y), x))
+
+
+def test_settings_and_inputs_are_checked():
+    x, y = clustered_maps(8, 4, seed=0)
+    PartialTrainConfig(learnable_p=True)  # pooled every step, so p can learn
+    with pytest.raises(ValueError, match='learnable_p=True cannot be trained on cached features'):
+        HeadTrainConfig(learnable_p=True)
+    with pytest.raises(ValueError, match='head_lr must be > 0'):
+        PartialTrainConfig(head_lr=0.0)
+    with pytest.raises(ValueError, match=r'trunk maps \(N, C, H, W\)'):
+        train_partial(PartialTrainConfig(batch_size=16), small_tail(), x.mean((2, 3)), y)
+    with pytest.raises(ValueError, match='at most num_classes'):
+        train_partial(PartialTrainConfig(batch_size=64), small_tail(), x, y)
