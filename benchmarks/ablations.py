@@ -136,6 +136,10 @@ TRIED = {
     'heads': 'Budget fixed before the grids on the S row of the withdrawn low-resolution Cars196 copy (Adam lr 1e-3 '
              'x 20 epochs over-fitted its 98 training classes; lr 1e-4 x 5 epochs did not) and kept for every row '
              'and data set, not re-tuned on the real CARS196. Seeds 0, 1, 2.',
+    'partial': 'Budget (128 px, the last stage + conv_head trained, 5 epochs, lr 1e-4, head lr 1e-3, frozen '
+               'BatchNorm) set before the tables from the end-to-end recipe\'s learning rates and one single-seed '
+               'pilot of the full row on CARS196 (timing and a check that it beats the off-the-shelf rows); not '
+               'tuned per row or data set.',
     ('finetune', 'omniglot'): 'One budget only (Adam lr 1e-3, cosine, 5 epochs at 32 px, seeds 0, 1, 2): 2 CPU '
                               'cores do not afford a learning-rate search end to end; the same budget for every row.',
     ('finetune', 'cars196'): (
@@ -314,9 +318,10 @@ def run_partial_row(overrides: Dict[str, object], base: PartialTrainConfig, data
     off-the-shelf rows) and evaluate on the test split."""
     test_x, test_y = maps['test']
     _, (_, tail) = pretrained_split(dataset, overrides.get('stride_mode', 'strip'), trainable_stages)
-    if 'off_the_shelf' in overrides:
-        full = embed_features(tail, test_x, batch_size=256)  # the whole pretrained backbone's maps
-        embeddings = off_the_shelf(full, float(overrides['off_the_shelf']))
+    if 'off_the_shelf' in overrides:  # the whole pretrained backbone's maps, pooled chunk by chunk
+        with torch.no_grad():
+            embeddings = torch.cat([off_the_shelf(tail.eval()(chunk.float()), float(overrides['off_the_shelf']))
+                                    for chunk in test_x.split(256)])
     else:
         config = dataclasses.replace(base, seed=seed, **{k: v for k, v in overrides.items() if k != 'stride_mode'})
         embeddings = embed_features(train_partial(config, tail, *maps['train']), test_x)
@@ -349,8 +354,9 @@ def partial_tier(args: argparse.Namespace, record) -> Tuple[List[str], int, int]
         f'- Network: {model_name}, ImageNet weights from the pip package `{weights}`, last stride stripped (unless '
         f'the row says otherwise); the early stages frozen and run once per image (cached maps {trunk_map}, '
         f'evaluation transform at {img_size} px), the last {PARTIAL_STAGES} stage(s) + conv_head trained with the '
-        f'head{", their BatchNorm statistics frozen" if base.freeze_bn else ""}; no image augmentation, half of each '
-        f'batch\'s maps mirrored instead. The off-the-shelf rows pool the same untrained network\'s maps.',
+        f'head{", their BatchNorm statistics frozen" if base.freeze_bn else ""}; no image augmentation, each cached '
+        f'map mirrored with probability 1/2 instead. The off-the-shelf rows pool the same untrained network\'s maps '
+        f'(the tail run on the float16 trunk maps).',
         f'- Training: {base.epochs} epoch(s) of m-per-class batches ({base.batch_size} = '
         f'{base.batch_size // base.m_per_class} classes x {base.m_per_class}), Adam lr {base.lr} (head '
         f'{base.head_lr}), cosine schedule, embed_dim {base.embed_dim}, default descriptors SG, margin {base.margin}, '
@@ -473,7 +479,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--rows', nargs='+', metavar='LABEL',
                    help='run only these rows of the table (labels as in the table), e.g. to re-check an ordering '
                         'at another learning rate; use with --tag so the full table is not overwritten')
-    p.add_argument('--tag', default='', help='suffix of the results files: <dataset>_<table>_<tag>.md')
+    p.add_argument('--tag', default='', help='suffix of the results files: <dataset>_<table>[_<tier>]_<tag>.md')
     p.add_argument('--render-only', action='store_true',
                    help='rewrite <output-dir>/<dataset>_<table>.md and .png from its .json (no training): the header '
                         'of the existing .md is kept, the table and the ordering checks are regenerated')

@@ -272,7 +272,8 @@ def options_table(rows: Optional[List[Dict[str, object]]]) -> List[str]:
          'torch.compile, the compilation (its extra time over a steady epoch is the compile cost). The two steady '
          'epochs\' times show the run-to-run noise. PyTorch\'s DataLoader prefetches 2 batches per worker (its '
          'default, not varied). Same seed and batches for every option: the loss column shows how far an option '
-         'moves the numbers (bf16 rounds; the others compute the same function).', '',
+         'moves the numbers (bf16 rounds; channels_last, torch.compile and the thread count compute the same function '
+         'up to float rounding; the worker count changes which worker\'s random stream augments each image).', '',
          '| option | img/s (epochs 2-3) | vs baseline | epoch 1 (s) | epochs 2, 3 (s) | loss (epoch 3) |',
          '|---|---|---|---|---|---|']
     for r in rows:

@@ -4,8 +4,8 @@ stages stay frozen and run once per image (the benchmarks' partial tier).
 Between the fast tier (:func:`train_head`, nothing of the backbone adapts) and end-to-end training (:func:`train`,
 the CPU cannot afford many rows of it): the auxiliary classifier's gradient reaches the shared tail here, so the
 loss and training-trick ablations are measurable, at a fraction of a full step's cost. What it gives up: image
-augmentation (the maps are cached from the evaluation transform; ``flip`` mirrors the cached maps instead, an
-approximation of flipping the image) and adaptation of the frozen stages.
+augmentation (the maps are cached from the evaluation transform; ``flip`` mirrors each cached map with probability
+1/2 instead, an approximation of flipping the image) and adaptation of the frozen stages.
 """
 from __future__ import annotations
 
@@ -30,13 +30,16 @@ class PartialTrainConfig(HeadTrainConfig):
     what the trainable tail adds."""
     head_lr: Optional[float] = setting(None, 'learning rate of the head (default: lr)')
     freeze_bn: bool = setting(True, "keep the tail's BatchNorm statistics at their pretrained values")
-    flip: bool = setting(True, 'mirror half of the cached maps of each batch (horizontal flip, approximated on maps)')
+    flip: bool = setting(True, 'mirror each cached map with probability 1/2 (a horizontal flip, approximated on maps)')
     pools_once: ClassVar[bool] = False  # pooled every step: a learnable p trains
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.head_lr is not None and not self.head_lr > 0:
             raise ValueError(f'head_lr must be > 0 or None (= lr), got {self.head_lr!r}')
+        if self.learnable_p and self.architecture == 'concat_fc':
+            raise ValueError("learnable_p=True needs architecture 'cgd' or 'separate' (ConcatFCHead pools with a "
+                             'fixed p)')
 
 
 def train_partial(
@@ -48,22 +51,33 @@ def train_partial(
 ) -> nn.Sequential:
     """Train ``tail`` (in place) and a new head on cached trunk maps.
 
-    Each step draws an m-per-class batch of maps ``x`` (N, C, H, W), mirrors half of them when ``config.flip``, and
+    Each step draws an m-per-class batch of maps ``x``, mirrors each along its width with probability 1/2 when
+    ``config.flip``, and
     minimises :class:`~cgd_heads.CGDLoss` of ``head(tail(x))``; Adam with ``config.lr`` on the tail and
     ``config.head_lr`` on the head, cosine schedule over the epochs.
 
     Args:
         config: The run's settings.
         tail: The trainable half of :func:`cgd_heads.models.split_backbone` (pretrained weights).
-        features: Trunk maps of the training images, (N, C, H, W), any float dtype.
+        features: Trunk maps of the training images, (N, C, H, W) or (N, H, W, C) as ``input_fmt`` says, any float
+            dtype.
         labels: Class ids (N,) in [0, C).
-        input_fmt: Layout of the tail's output ('NCHW' or 'NHWC'), the head's ``input_fmt``.
+        input_fmt: Layout of the trunk's maps and the tail's output, 'NCHW' or 'NHWC' (the head's ``input_fmt``).
 
     Returns:
         ``nn.Sequential(tail, head)`` in eval mode: embeddings of trunk maps.
     """
+    if input_fmt not in ('NCHW', 'NHWC'):
+        raise ValueError(f"input_fmt must be 'NCHW' or 'NHWC', got {input_fmt!r}")
     if features.ndim != 4:
-        raise ValueError(f'features must be trunk maps (N, C, H, W), got shape {tuple(features.shape)}')
+        layout = ', '.join(input_fmt[1:])
+        raise ValueError(f'features must be trunk maps (N, {layout}), got shape {tuple(features.shape)}')
+    if len(features) != len(labels):
+        raise ValueError(f'features and labels must have one row per image, got {len(features)} and {len(labels)}')
+    trainable = [p for p in tail.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError('tail has no parameter with requires_grad=True: nothing of the backbone would train (use '
+                         'train_head for a frozen backbone)')
     seed_everything(config.seed)
     num_classes = check_batch(config, labels)
     tail.eval()
@@ -74,23 +88,27 @@ def train_partial(
     aux = getattr(head, 'aux_head', None)
     criterion = CGDLoss(margin=config.margin, aux_weight=config.aux_weight, ranking_weight=config.ranking_weight,
                         aux_loss=aux.loss if aux is not None else None)
-    optimizer = torch.optim.Adam([{'params': [p for p in tail.parameters() if p.requires_grad], 'lr': config.lr},
+    optimizer = torch.optim.Adam([{'params': trainable, 'lr': config.lr},
                                   {'params': head.parameters(), 'lr': config.head_lr or config.lr}])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     steps = max(1, len(labels) // config.batch_size)
     model = nn.Sequential(tail, head)
-    for epoch in range(config.epochs):
-        model.train()
-        if config.freeze_bn:
-            freeze_batch_norm(tail)
-        for batch in epoch_batches(labels, config, epoch, steps):
-            x = features[batch].float()
-            if config.flip:
-                mirror = torch.rand(len(batch)) < 0.5
-                x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-            loss = pooled_loss(head, criterion, config.architecture, head.pool(tail(x)), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-    return model.eval()
+    width = 3 if input_fmt == 'NCHW' else 2
+    try:
+        for epoch in range(config.epochs):
+            model.train()
+            if config.freeze_bn:
+                freeze_batch_norm(tail)
+            for batch in epoch_batches(labels, config, epoch, steps):
+                x = features[batch].float()
+                if config.flip:
+                    mirror = torch.rand(len(batch)) < 0.5
+                    x = torch.where(mirror[:, None, None, None], x.flip(width), x)
+                loss = pooled_loss(head, criterion, config.architecture, head.pool(tail(x)), labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+    finally:  # an interrupted run does not leave the caller's tail in train mode
+        model.eval()
+    return model

@@ -37,5 +37,8 @@ def test_bad_arguments_and_backbones_that_are_not_a_chain_are_refused():
     vit = create_model('test_vit', embed_dim=8).backbone  # position embeddings are added between the children
     with pytest.raises(ValueError, match='not a plain chain'):
         split_backbone(vit, 1)
+    fixed_size = create_model('vit_tiny_patch16_224', embed_dim=8).backbone  # timm asserts its input size
+    with pytest.raises(ValueError, match='not a plain chain'):
+        split_backbone(fixed_size, 1)
     with pytest.raises(ValueError, match='no stages'):
         split_backbone(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), 1)

@@ -62,6 +62,52 @@ def test_runs_repeat_exactly_and_flip_changes_the_batches():
     assert not torch.allclose(first, embed_features(train_partial(unflipped, small_tail(), x, y), x))
 
 
+class RecordingTail(nn.Module):
+    """A 1x1 conv that keeps the batches it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 1)
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.conv(x)
+
+
+@pytest.mark.parametrize('input_fmt', ['NCHW', 'NHWC'])
+def test_flip_mirrors_the_width_axis_of_the_maps(monkeypatch, input_fmt):
+    x, y = clustered_maps(4, 4, seed=0)
+    if input_fmt == 'NHWC':
+        x = x.permute(0, 2, 3, 1).contiguous()
+        tail = nn.Sequential()  # identity: the head pools NHWC maps directly
+        recorder = []
+        tail.register_forward_pre_hook(lambda module, args: recorder.append(args[0].clone()))
+    else:
+        tail = RecordingTail()
+        recorder = tail.inputs
+    monkeypatch.setattr(torch, 'rand', lambda n, *a, **k: torch.zeros(n))  # every map is mirrored
+    config = PartialTrainConfig(descriptors='G', embed_dim=8, epochs=1, batch_size=16, flip=True)
+    if input_fmt == 'NHWC':
+        with pytest.raises(ValueError, match='requires_grad'):  # an identity tail has nothing to train
+            train_partial(config, tail, x, y, input_fmt=input_fmt)
+        tail = nn.Sequential(nn.Identity(), nn.LayerNorm(16))  # trainable, keeps NHWC
+        tail.register_forward_pre_hook(lambda module, args: recorder.append(args[0].clone()))
+    train_partial(config, tail, x, y, input_fmt=input_fmt)
+    width = 3 if input_fmt == 'NCHW' else 2
+    seen = torch.cat(recorder[1:])  # the first call is the probe for the head's width (unflipped)
+    originals = {tuple(m.flatten().tolist()) for m in x.flip(width)}
+    assert all(tuple(m.flatten().tolist()) in originals for m in seen)  # each one a width-mirrored map
+
+
+def test_a_learnable_p_moves():
+    x, y = clustered_maps(8, 4, seed=0)
+    model = train_partial(PartialTrainConfig(descriptors='G', embed_dim=8, epochs=3, batch_size=16, lr=1e-2,
+                                             learnable_p=True), small_tail(), x, y)
+    p = [v for k, v in model.named_parameters() if k.endswith('.p')]
+    assert p and not torch.allclose(p[0], torch.full_like(p[0], 3.0))
+
+
 def test_settings_and_inputs_are_checked():
     x, y = clustered_maps(8, 4, seed=0)
     PartialTrainConfig(learnable_p=True)  # pooled every step, so p can learn
@@ -73,3 +119,12 @@ def test_settings_and_inputs_are_checked():
         train_partial(PartialTrainConfig(batch_size=16), small_tail(), x.mean((2, 3)), y)
     with pytest.raises(ValueError, match='at most num_classes'):
         train_partial(PartialTrainConfig(batch_size=64), small_tail(), x, y)
+    with pytest.raises(ValueError, match='one row per image'):
+        train_partial(PartialTrainConfig(batch_size=16), small_tail(), x, y[:-1])
+    with pytest.raises(ValueError, match="input_fmt must be 'NCHW' or 'NHWC'"):
+        train_partial(PartialTrainConfig(batch_size=16), small_tail(), x, y, input_fmt='NLC')
+    frozen = small_tail().requires_grad_(False)
+    with pytest.raises(ValueError, match='tail has no parameter with requires_grad=True'):
+        train_partial(PartialTrainConfig(batch_size=16), frozen, x, y)
+    with pytest.raises(ValueError, match="learnable_p=True needs architecture 'cgd' or 'separate'"):
+        PartialTrainConfig(learnable_p=True, architecture='concat_fc')
