@@ -52,8 +52,8 @@ def train_partial(
     """Train ``tail`` (in place) and a new head on cached trunk maps.
 
     Each step draws an m-per-class batch of maps ``x``, mirrors each along its width with probability 1/2 when
-    ``config.flip``, and
-    minimises :class:`~cgd_heads.CGDLoss` of ``head(tail(x))``; Adam with ``config.lr`` on the tail and
+    ``config.flip``, and minimises :class:`~cgd_heads.CGDLoss` of ``head(tail(x))`` (ranking_weight x batch-hard
+    triplet + aux_weight x the classifier's cross-entropy); Adam with ``config.lr`` on the tail and
     ``config.head_lr`` on the head, cosine schedule over the epochs.
 
     Args:
