@@ -280,7 +280,7 @@ def options_table(rows: Optional[List[Dict[str, object]]]) -> List[str]:
         if 'img_s' not in r:
             L.append(f"| {r['option']} | - | - | - | - | {r['skipped']} |")
             continue
-        steady = ', '.join(f'{t:.1f}' for t in r.get('steady_epoch_s', [r.get('second_epoch_s', 0.0)]))
+        steady = ', '.join(f'{t:.1f}' for t in r['steady_epoch_s'])
         L.append(f"| {r['option']} | {r['img_s']:.2f} | {r['img_s'] / base['img_s']:.2f}x | "
                  f"{r['first_epoch_s']:.1f} | {steady} | {r['loss']:.4f} |")
     return L
