@@ -1,7 +1,7 @@
 """Results file of one ``cgd-train`` + ``cgd-eval`` run: held-out R@1 per epoch (PNG), the test metrics against the
 off-the-shelf reference, and the commands. A thin reader of the run folder; it measures nothing itself.
 
-    python benchmarks/report_run.py --run runs/cars196_recipe --commands benchmarks/cars196_recipe.sh \\
+    python benchmarks/report_run.py --run runs/cars196_recipe --commands benchmarks/recipe.sh \\
         --reference benchmarks/results/cars196_off_the_shelf.json --output benchmarks/results/cars196_recipe.md
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Each benchmark script runs end to end in a tiny configuration, so the committed commands cannot rot."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -145,3 +146,26 @@ def test_gpu_check_dry_run(tmp_path):
     assert 'CUDA-only tests (tests/test_cuda.py' in text and 'skipped' in text  # no GPU here: skipped, not failed
     row = text.split('|---|---|---|---|---|\n')[1].splitlines()[0]
     assert all(0 <= float(v) <= 100 for v in row.strip('| ').split(' | '))
+
+
+def test_recipe_rejects_unknown_dataset(tmp_path):
+    proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'cub', str(tmp_path / 'run')], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and 'DATASET must be cars196, caltech101 or omniglot' in proc.stderr
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / 'omniglot').is_dir(), reason=f'Omniglot not found at {SHARED_DATA / "omniglot"}')
+@needs_lite0_weights
+def test_recipe_end_to_end_on_omniglot(tmp_path):
+    # the recipe's own command lines (cgd-train, then cgd-eval on the best checkpoint) at 32 px for one epoch
+    env = dict(os.environ, PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
+               CGD_HEADS_DATA=str(SHARED_DATA), IMG_SIZE='32', EPOCHS='1')
+    run_dir = tmp_path / 'run'
+    proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'omniglot', str(run_dir)], capture_output=True,
+                          text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    test = json.loads((run_dir / 'test_metrics.json').read_text())
+    assert test['num_queries'] == 3120  # small2: 156 unseen characters x 20 drawers
+    assert test['recall@1'] > 0.25  # chance is 1 in 156; one such epoch gave 0.50 here
+    assert set(json.loads((run_dir / 'timing.json').read_text())) == {'cgd-train', 'cgd-eval'}
