@@ -82,12 +82,17 @@ def freeze_batch_norm(module: nn.Module) -> None:
             m.eval()
 
 
-def _check_sampler(train_list: ImageList, config: TrainConfig) -> None:
+def _check_sampler(train_list: ImageList, config: TrainConfig, held_out: bool = False) -> None:
+    """``held_out``: ``config.val_classes`` classes were taken out of ``train_list`` before it got here."""
     counts = collections.Counter(train_list.labels)
     per_batch = config.batch_size // config.m_per_class
     if len(counts) < per_batch:
-        raise ValueError(f'the training split has {len(counts)} classes but batch_size={config.batch_size} with '
-                         f'm_per_class={config.m_per_class} needs {per_batch} per batch; lower batch_size')
+        # with few training classes the held-out ones can be what leaves too few: name both ways out
+        after = f' (after holding out val_classes={config.val_classes})' if held_out else ''
+        fixes = ' or hold out fewer classes (e.g. val_classes=0.2)' if held_out else ''
+        raise ValueError(f'the training split has {len(counts)} classes{after} but batch_size={config.batch_size} '
+                         f'with m_per_class={config.m_per_class} needs {per_batch} per batch; lower batch_size (at '
+                         f'most {len(counts) * config.m_per_class}){fixes}')
     small = sorted((n, train_list.class_names[c]) for c, n in counts.items() if n < config.m_per_class)
     if small:
         listed = ', '.join(f'{name!r} ({n})' for n, name in small[:5])
@@ -349,9 +354,10 @@ def train(
     """
     out_dir = Path(out_dir)
     _check_run_folder(out_dir, resume)
-    if val_list is None and config.val_classes:
+    held_out = val_list is None and bool(config.val_classes)
+    if held_out:
         train_list, val_list = train_list.split_classes(config.val_classes, seed=config.seed)
-    _check_sampler(train_list, config)
+    _check_sampler(train_list, config, held_out=held_out)
     device, context = _setup_processes(config)
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

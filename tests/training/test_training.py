@@ -126,6 +126,12 @@ def test_sampler_requirements_are_checked_before_training(shapes_folder, tmp_pat
     splits = load_splits('folder', shapes_folder)
     with pytest.raises(ValueError, match='needs 16 per batch'):
         train(TrainConfig(**dict(TINY, batch_size=32, m_per_class=2)), splits['all'], tmp_path / 'a')
+    # the held-out classes are what leave too few: the message names both fixes and the largest batch that fits
+    num_classes = len(set(splits['all'].labels))
+    with pytest.raises(ValueError, match=rf'has {num_classes - 1} classes \(after holding out val_classes=1\).*'
+                                         rf'lower batch_size \(at most {2 * (num_classes - 1)}\) or hold out fewer'):
+        train(TrainConfig(**dict(TINY, batch_size=2 * num_classes, m_per_class=2, val_classes=1)), splits['all'],
+              tmp_path / 'c')
     with pytest.raises(ValueError, match='fewer than m_per_class=8 images'):
         train(TrainConfig(**dict(TINY, batch_size=8, m_per_class=8, val_classes=0)), splits['all'], tmp_path / 'b')
 
