@@ -18,13 +18,16 @@ seeds. Writes ``benchmarks/results/<dataset>_<table>.md`` (+ ``.json``) and a PN
     python benchmarks/ablations.py --dataset omniglot --tier finetune --table loss
     python benchmarks/ablations.py --dataset cars196 --tier partial --table loss
     python benchmarks/ablations.py --dataset cars196 --tier finetune --table loss
+    python benchmarks/ablations.py --dataset cars196 --tier finetune --table speed_options
     python benchmarks/ablations.py --dataset cars196 --table loss --epochs 1 --seeds 0 --limit-classes 8 \
         --batch-size 16 --output-dir /tmp/smoke  # seconds
 
 Tables: loss (ranking / classification / both), tricks (label smoothing, temperature), architecture (A / B / CGD),
 combination (concat / sum), descriptors (S, M, G, SM, MS, SG, GS, MG, GM, SMG, GAP+FC baseline, off-the-shelf
 pooled features), stride (stripped / dilated / untouched backbone), off_the_shelf (pretrained features pooled by
-GAP / MAC / GeM without training, last stride untouched and stripped: the reference for fine-tuning).
+GAP / MAC / GeM without training, last stride untouched and stripped: the reference for fine-tuning),
+speed_options (fine-tuning tier only: float32 vs the training speed options of benchmarks/results/speed.md, each
+checked to stay within seed noise of the float32 rows).
 """
 from __future__ import annotations
 
@@ -90,6 +93,10 @@ HEADS_ONLY = ('off_the_shelf', 'architecture')
 #: tables the fast tier cannot measure: with a frozen backbone the classifier shares no parameter with the
 #: embedding, so loss weights, temperature and label smoothing cannot change the embedding at all
 FINETUNE_ONLY_TABLES = ('loss', 'tricks')
+#: tables of TrainConfig options that only end-to-end training has (the other tiers' steps take no such option)
+END_TO_END_TABLES = ('speed_options',)
+#: the speed options change how training computes, not what it should learn: each row is checked against this one
+SPEED_BASELINE = 'float32, channels first (the default)'
 
 Row = Tuple[str, Dict[str, object]]  # (label, HeadTrainConfig overrides or special keys)
 TABLES: Dict[str, List[Row]] = {
@@ -114,6 +121,9 @@ TABLES: Dict[str, List[Row]] = {
     'stride': [('stripped (stride 1, the paper)', {'stride_mode': 'strip'}),
                ('dilated (output stride 16)', {'stride_mode': 'dilate'}),
                ('untouched (output stride 32)', {'stride_mode': None})],
+    'speed_options': [(SPEED_BASELINE, {}), ('channels_last', {'channels_last': True}),
+                      ('bf16 autocast', {'amp': 'bf16'}), ('channels_last + bf16 autocast',
+                                                           {'channels_last': True, 'amp': 'bf16'})],
 }
 METRICS = ('recall@1', 'recall@2', 'recall@4', 'recall@8', 'map@r')
 #: the seed's claims per table, as (better, worse) rows; a label starting with '*' names a group: the best row of it
@@ -150,6 +160,10 @@ TRIED = {
 
 #: what a tier cannot show about a table, said under its verdicts
 CAVEATS = {
+    ('finetune', 'speed_options'): 'bf16 autocast runs where the CPU has bf16 instructions (lscpu: avx512_bf16 / '
+                                   'amx); every row is evaluated in float32, so the table shows what training in '
+                                   'each mode learned. The options\' images/s are measured in '
+                                   'benchmarks/results/speed.md, not here.',
     ('heads', 'stride'): 'With a frozen backbone, `strip` runs the last stage\'s pretrained filters at twice the '
                          'sampling rate they were trained at, and nothing adapts them; `dilate` keeps their receptive '
                          'field. The paper strips the stride and then fine-tunes the whole network, which this tier '
@@ -200,6 +214,8 @@ def findings(table: str, tier: str, results: List[Tuple[str, Dict[str, Tuple[flo
                      f'({diff:+.2f} R@1 points, larger std {noise:.2f}).')
     if not checked:
         lines.append('- None of the paper\'s claims compares two of the rows run here.')
+    if table in END_TO_END_TABLES:
+        lines += same_as_baseline(means)
     if (tier, table) in CAVEATS:
         lines += ['', f'Caveat: {CAVEATS[tier, table]}']
     tried = TRIED.get((tier, dataset), TRIED.get(tier))
@@ -208,6 +224,23 @@ def findings(table: str, tier: str, results: List[Tuple[str, Dict[str, Tuple[flo
     if departures:
         lines += ['', 'This run departs from that budget: '
                   + ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in departures.items()) + '.']
+    return lines
+
+
+def same_as_baseline(means: Dict[str, Tuple[float, float]]) -> List[str]:
+    """Each speed option against the float32 rows: it must stay within the larger seed std of the two."""
+    if SPEED_BASELINE not in means:
+        return ['', f'- No `{SPEED_BASELINE}` row was run: the options cannot be checked against it.']
+    lines = ['', '## The speed options against float32', '',
+             'An option keeps R@1 when its mean is within the larger of the two seed standard deviations of the '
+             'float32 rows\' mean; it is LOWER or higher beyond noise otherwise.', '']
+    base = means[SPEED_BASELINE]
+    for label, (mean, std) in means.items():
+        if label == SPEED_BASELINE or label.startswith(('off-the-shelf', 'untrained')):
+            continue
+        diff, noise = 100 * (mean - base[0]), 100 * max(std, base[1])
+        verdict = 'same within noise' if abs(diff) <= noise else 'LOWER' if diff < 0 else 'higher'
+        lines.append(f'- `{label}` vs float32: {verdict} ({diff:+.2f} R@1 points, larger std {noise:.2f}).')
     return lines
 
 
@@ -498,6 +531,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.render_only:
         render(args)
         return
+    if args.tier != 'finetune' and args.table in END_TO_END_TABLES:
+        p.error(f'--table {args.table} needs --tier finetune: its rows are options of end-to-end training '
+                f'(cgd-train --channels-last / --amp), which the {args.tier} tier does not run')
     if args.tier == 'heads' and args.table in FINETUNE_ONLY_TABLES:
         p.error(f'--table {args.table} needs --tier partial or finetune: with a frozen backbone the auxiliary '
                 f'classifier shares no parameter with the embedding, so its loss and tricks cannot change it')

@@ -140,6 +140,45 @@ def test_paper_ordering_verdicts_follow_the_seed_std():
     assert '- best combined (`SG`) > best single (`G`): holds (+1.90 R@1 points, larger std 0.20).' in groups
 
 
+def test_speed_options_are_checked_against_float32():
+    ablations = _load_ablations()
+
+    def row(label, mean, std):
+        return (label, {k: (mean, std) for k in ablations.METRICS}, 3)
+
+    lines = ablations.findings('speed_options', 'finetune', [
+        row('off-the-shelf GAP (no training)', 0.30, 0.0), row(ablations.SPEED_BASELINE, 0.50, 0.01),
+        row('channels_last', 0.505, 0.002),                                       # +0.5, std 1: the same
+        row('bf16 autocast', 0.47, 0.01), row('channels_last + bf16 autocast', 0.52, 0.015)])
+    start = lines.index('## The speed options against float32')
+    assert [line for line in lines[start:] if line.startswith('- ')] == [
+        '- `channels_last` vs float32: same within noise (+0.50 R@1 points, larger std 1.00).',
+        '- `bf16 autocast` vs float32: LOWER (-3.00 R@1 points, larger std 1.00).',
+        '- `channels_last + bf16 autocast` vs float32: higher (+2.00 R@1 points, larger std 1.50).']
+    missing = ablations.findings('speed_options', 'finetune', [row('bf16 autocast', 0.47, 0.01)])
+    assert f'- No `{ablations.SPEED_BASELINE}` row was run: the options cannot be checked against it.' in missing
+
+
+def test_ablations_runs_speed_options_only_end_to_end(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / 'ablations.py'), '--dataset', 'cars196', '--tier', 'partial',
+                           '--table', 'speed_options', '--output-dir', str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and '--table speed_options needs --tier finetune' in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@needs_cars196
+@needs_lite0_weights
+def test_ablations_speed_options_smoke(tmp_path):
+    run('ablations.py', '--dataset', 'cars196', '--tier', 'finetune', '--table', 'speed_options', '--epochs', '1',
+        '--seeds', '0', '--limit-classes', '4', '--batch-size', '8', '--embed-dim', '16', '--img-size', '32',
+        '--rows', 'float32, channels first (the default)', 'channels_last + bf16 autocast', '--tag', 'smoke',
+        '--output-dir', str(tmp_path))
+    text = (tmp_path / 'cars196_speed_options_finetune_smoke.md').read_text()
+    assert '| channels_last + bf16 autocast |' in text and '| bf16 autocast |' not in text
+    assert '- `channels_last + bf16 autocast` vs float32: ' in text and 'avx512_bf16' in text
+
+
 @needs_cars196
 def test_gpu_check_dry_run(tmp_path):
     # the GPU script's every step on the CPU at tiny sizes, through the shell entry point a GPU machine runs
