@@ -207,9 +207,14 @@ def test_recipe_end_to_end_on_omniglot(tmp_path):
     # the recipe's own command lines (cgd-train, then cgd-eval on the best checkpoint) at 32 px for one epoch
     env = script_env(CGD_HEADS_DATA=str(SHARED_DATA), IMG_SIZE='32', EPOCHS='1')
     run_dir = tmp_path / 'run'
-    proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'omniglot', str(run_dir)], capture_output=True,
-                          text=True, timeout=600, cwd=REPO, env=env)
+    # options after the run folder reach cgd-train and override the recipe's (here: a variant with smoothing)
+    proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'omniglot', str(run_dir), '--label-smoothing', '0.1'],
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((run_dir / 'train_config.json').read_text())
+    assert config['label_smoothing'] == 0.1
+    # the recipe's own settings, kept
+    assert (config['temperature'], config['num_workers'], config['lr'], config['img_size']) == (1.0, 0, 1e-4, 32)
     test = json.loads((run_dir / 'test_metrics.json').read_text())
     assert test['num_queries'] == 3120  # small2: 156 unseen characters x 20 drawers
     assert test['recall@1'] > 0.25  # chance is 1 in 156; one such epoch gave 0.50 here
