@@ -121,7 +121,8 @@ TABLES: Dict[str, List[Row]] = {
     'stride': [('stripped (stride 1, the paper)', {'stride_mode': 'strip'}),
                ('dilated (output stride 16)', {'stride_mode': 'dilate'}),
                ('untouched (output stride 32)', {'stride_mode': None})],
-    'speed_options': [(SPEED_BASELINE, {}), ('channels_last', {'channels_last': True}),
+    # amp 'none' spelled out: the tier's default ('auto') is bf16 autocast on CUDA, which would leave no float32 row
+    'speed_options': [(SPEED_BASELINE, {'amp': 'none'}), ('channels_last', {'channels_last': True, 'amp': 'none'}),
                       ('bf16 autocast', {'amp': 'bf16'}), ('channels_last + bf16 autocast',
                                                            {'channels_last': True, 'amp': 'bf16'})],
 }
@@ -160,9 +161,9 @@ TRIED = {
 
 #: what a tier cannot show about a table, said under its verdicts
 CAVEATS = {
-    ('finetune', 'speed_options'): 'bf16 autocast runs where the CPU has bf16 instructions (lscpu: avx512_bf16 / '
-                                   'amx); every row is evaluated in float32, so the table shows what training in '
-                                   'each mode learned. The options\' images/s are measured in '
+    ('finetune', 'speed_options'): 'bf16 autocast runs on any CPU but is only fast with bf16 instructions (lscpu: '
+                                   'avx512_bf16 / amx); every row is evaluated in float32, so the table shows what '
+                                   'training in each mode learned. The options\' images/s are measured in '
                                    'benchmarks/results/speed.md, not here.',
     ('heads', 'stride'): 'With a frozen backbone, `strip` runs the last stage\'s pretrained filters at twice the '
                          'sampling rate they were trained at, and nothing adapts them; `dilate` keeps their receptive '
@@ -229,11 +230,12 @@ def findings(table: str, tier: str, results: List[Tuple[str, Dict[str, Tuple[flo
 
 def same_as_baseline(means: Dict[str, Tuple[float, float]]) -> List[str]:
     """Each speed option against the float32 rows: it must stay within the larger seed std of the two."""
+    lines = ['', '## The speed options against float32', '']
     if SPEED_BASELINE not in means:
-        return ['', f'- No `{SPEED_BASELINE}` row was run: the options cannot be checked against it.']
-    lines = ['', '## The speed options against float32', '',
-             'An option keeps R@1 when its mean is within the larger of the two seed standard deviations of the '
-             'float32 rows\' mean; it is LOWER or higher beyond noise otherwise.', '']
+        return lines + [f'- No `{SPEED_BASELINE}` row was run: the options cannot be checked against it.']
+    lines += ['An option keeps R@1 when its mean is within the larger of the two seed standard deviations of the '
+              'float32 rows\' mean; it is LOWER or higher beyond noise otherwise (with one seed every difference '
+              'counts).', '']
     base = means[SPEED_BASELINE]
     for label, (mean, std) in means.items():
         if label == SPEED_BASELINE or label.startswith(('off-the-shelf', 'untrained')):
@@ -528,12 +530,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                     f'{[label for label, _ in TABLES[args.table]]}')
     if args.tag and not args.tag.replace('-', '').replace('_', '').replace('.', '').isalnum():
         p.error(f'--tag must be letters, digits, ".", "-" or "_" (it names a file), got {args.tag!r}')
-    if args.render_only:
-        render(args)
-        return
     if args.tier != 'finetune' and args.table in END_TO_END_TABLES:
         p.error(f'--table {args.table} needs --tier finetune: its rows are options of end-to-end training '
                 f'(cgd-train --channels-last / --amp), which the {args.tier} tier does not run')
+    if args.render_only:
+        render(args)
+        return
     if args.tier == 'heads' and args.table in FINETUNE_ONLY_TABLES:
         p.error(f'--table {args.table} needs --tier partial or finetune: with a frozen backbone the auxiliary '
                 f'classifier shares no parameter with the embedding, so its loss and tricks cannot change it')

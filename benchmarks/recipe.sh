@@ -7,8 +7,8 @@
 # workers compete with the compute threads; results/speed.md).
 # Usage: bash benchmarks/recipe.sh [DATASET] [RUN_FOLDER] [CGD-TRAIN OPTIONS...]
 #   DATASET: cars196 (default), caltech101, omniglot; options after the run folder are passed on to cgd-train and
-#   override the recipe's (e.g. --temperature 0.5 --label-smoothing 0.1: the paper's classifier tricks, a variant
-#   compared on the held-out classes)
+#   override the recipe's options that take a value (e.g. --temperature 0.5 --label-smoothing 0.1: the paper's
+#   classifier tricks, a variant compared on the held-out classes); the run folder is set here, not by --out
 #   data: $CGD_HEADS_DATA/<dataset>, default ../shared/data
 # Variants, compared on the held-out classes only: IMG_SIZE=160 EPOCHS=8 bash benchmarks/recipe.sh (the first
 # CARS196 recipe, results/cars196_recipe_160.md)
@@ -22,6 +22,12 @@ case "$DATASET" in
   omniglot) READER=(--data "$ROOT/omniglot" --dataset omniglot) ;;  # small1 train, small2 (unseen) test
   *) echo "recipe.sh: DATASET must be cars196, caltech101 or omniglot, not '$DATASET'" >&2; exit 2 ;;
 esac
+for option in "${@:3}"; do
+  if [[ $option == --out || $option == --out=* ]]; then
+    echo "recipe.sh: give the run folder as the second argument, not --out (cgd-eval reads RUN_FOLDER/best)" >&2
+    exit 2
+  fi
+done
 IMG_SIZE=${IMG_SIZE:-224}
 EPOCHS=${EPOCHS:-6}
 start=$(date +%s)

@@ -1,4 +1,5 @@
 """Each benchmark script runs end to end in a tiny configuration, so the committed commands cannot rot."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, SHARED_DATA
 
@@ -156,7 +158,20 @@ def test_speed_options_are_checked_against_float32():
         '- `bf16 autocast` vs float32: LOWER (-3.00 R@1 points, larger std 1.00).',
         '- `channels_last + bf16 autocast` vs float32: higher (+2.00 R@1 points, larger std 1.50).']
     missing = ablations.findings('speed_options', 'finetune', [row('bf16 autocast', 0.47, 0.01)])
-    assert f'- No `{ablations.SPEED_BASELINE}` row was run: the options cannot be checked against it.' in missing
+    assert missing[missing.index('## The speed options against float32') + 2] == \
+        f'- No `{ablations.SPEED_BASELINE}` row was run: the options cannot be checked against it.'
+
+
+def test_speed_option_rows_train_in_the_precision_they_name():
+    # on CUDA the tier's amp='auto' means bf16: the float32 rows must say 'none' to stay float32 there too
+    from cgd_heads.training import TrainConfig
+    from cgd_heads.utils.runtime import amp_dtype
+    ablations = _load_ablations()
+    cuda = torch.device('cuda')  # amp_dtype only reads the device type for explicit modes; no GPU needed
+    for label, overrides in ablations.TABLES['speed_options']:
+        config = dataclasses.replace(TrainConfig(), **overrides)
+        assert amp_dtype(config.amp, cuda) == (torch.bfloat16 if 'bf16' in label else None), label
+        assert config.channels_last == label.startswith('channels_last'), label
 
 
 def test_ablations_runs_speed_options_only_end_to_end(tmp_path):
@@ -165,6 +180,10 @@ def test_ablations_runs_speed_options_only_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2 and '--table speed_options needs --tier finetune' in proc.stderr
     assert not list(tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, str(BENCH / 'ablations.py'), '--dataset', 'cars196', '--tier', 'heads',
+                           '--table', 'speed_options', '--render-only', '--output-dir', str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and '--table speed_options needs --tier finetune' in proc.stderr
 
 
 @needs_cars196
@@ -199,6 +218,11 @@ def test_recipe_rejects_unknown_dataset(tmp_path):
                           text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and 'DATASET must be cars196, caltech101 or omniglot' in proc.stderr
     assert not (tmp_path / 'run').exists()
+    # the run folder is the second argument: an --out among the extra options would train where cgd-eval never looks
+    proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'omniglot', str(tmp_path / 'run'), '--out',
+                           str(tmp_path / 'elsewhere')], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and 'not --out' in proc.stderr
+    assert not (tmp_path / 'run').exists() and not (tmp_path / 'elsewhere').exists()
 
 
 @needs_omniglot
