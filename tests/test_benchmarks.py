@@ -36,6 +36,14 @@ def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProc
     return proc
 
 
+def refused(script: str, *args: str) -> str:
+    """Run a benchmark script that must stop on its arguments (argparse's exit status 2); returns its stderr."""
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    return proc.stderr
+
+
 def test_speed_quick(tmp_path):
     run('speed.py', '--quick', '--output', str(tmp_path / 'speed.md'))
     text = (tmp_path / 'speed.md').read_text()
@@ -98,10 +106,9 @@ def test_ablations_partial_tier_runs_the_loss_table(tmp_path):
 
 
 def test_ablations_refuses_an_unknown_row(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / 'ablations.py'), '--dataset', 'cars196', '--table', 'tricks',
-                           '--tier', 'heads', '--rows', 'nothing', '--output-dir', str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 2 and "--rows ['nothing'] are not rows of --table tricks" in proc.stderr
+    stderr = refused('ablations.py', '--dataset', 'cars196', '--table', 'tricks', '--tier', 'heads', '--rows',
+                     'nothing', '--output-dir', str(tmp_path))
+    assert "--rows ['nothing'] are not rows of --table tricks" in stderr
 
 
 def _load_ablations():
@@ -111,11 +118,16 @@ def _load_ablations():
     return module
 
 
+def summary_row(ablations, label: str, mean: float, std: float):
+    """A results row as ablations.py records it: the same (mean, std) for every metric, over 3 seeds."""
+    return (label, {k: (mean, std) for k in ablations.METRICS}, 3)
+
+
 def test_paper_ordering_verdicts_follow_the_seed_std():
     ablations = _load_ablations()
 
     def row(label, mean, std):
-        return (label, {k: (mean, std) for k in ablations.METRICS}, 3)
+        return summary_row(ablations, label, mean, std)
 
     lines = ablations.findings('tricks', 'finetune', [
         row('neither', 0.50, 0.01), row('label smoothing only', 0.505, 0.01),   # +0.5 points, std 1: noise
@@ -146,7 +158,7 @@ def test_speed_options_are_checked_against_float32():
     ablations = _load_ablations()
 
     def row(label, mean, std):
-        return (label, {k: (mean, std) for k in ablations.METRICS}, 3)
+        return summary_row(ablations, label, mean, std)
 
     lines = ablations.findings('speed_options', 'finetune', [
         row('off-the-shelf GAP (no training)', 0.30, 0.0), row(ablations.SPEED_BASELINE, 0.50, 0.01),
@@ -175,15 +187,12 @@ def test_speed_option_rows_train_in_the_precision_they_name():
 
 
 def test_ablations_runs_speed_options_only_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / 'ablations.py'), '--dataset', 'cars196', '--tier', 'partial',
-                           '--table', 'speed_options', '--output-dir', str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 2 and '--table speed_options needs --tier finetune' in proc.stderr
-    assert not list(tmp_path.iterdir())
-    proc = subprocess.run([sys.executable, str(BENCH / 'ablations.py'), '--dataset', 'cars196', '--tier', 'heads',
-                           '--table', 'speed_options', '--render-only', '--output-dir', str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 2 and '--table speed_options needs --tier finetune' in proc.stderr
+    stderr = refused('ablations.py', '--dataset', 'cars196', '--tier', 'partial', '--table', 'speed_options',
+                     '--output-dir', str(tmp_path))
+    assert '--table speed_options needs --tier finetune' in stderr and not list(tmp_path.iterdir())
+    stderr = refused('ablations.py', '--dataset', 'cars196', '--tier', 'heads', '--table', 'speed_options',
+                     '--render-only', '--output-dir', str(tmp_path))
+    assert '--table speed_options needs --tier finetune' in stderr
 
 
 @needs_cars196
