@@ -232,6 +232,19 @@ def test_recipe_rejects_unknown_dataset(tmp_path):
                            str(tmp_path / 'elsewhere')], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and 'not --out' in proc.stderr
     assert not (tmp_path / 'run').exists() and not (tmp_path / 'elsewhere').exists()
+    proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'omniglot', str(tmp_path / 'run')], capture_output=True,
+                          text=True, timeout=60, cwd=REPO, env=dict(os.environ, BF16='yes'))
+    assert proc.returncode == 2 and "BF16 must be auto, 1 or 0, not 'yes'" in proc.stderr
+    assert not (tmp_path / 'run').exists()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether /proc/cpuinfo lists bf16 instructions (what recipe.sh's BF16=auto decides on)."""
+    try:
+        flags = Path('/proc/cpuinfo').read_text().split()
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
 @needs_omniglot
@@ -248,6 +261,10 @@ def test_recipe_end_to_end_on_omniglot(tmp_path):
     assert config['label_smoothing'] == 0.1
     # the recipe's own settings, kept
     assert (config['temperature'], config['num_workers'], config['lr'], config['img_size']) == (1.0, 0, 1e-4, 32)
+    # channels_last + bf16 autocast exactly where the CPU has bf16 instructions (emulated bf16 is slower than float32)
+    bf16 = cpu_has_bf16()
+    assert (config['amp'], config['channels_last']) == (('bf16', True) if bf16 else ('none', False))
+    assert config['epochs'] == 1  # EPOCHS from the environment beats the recipe's default (16 with bf16, 6 without)
     test = json.loads((run_dir / 'test_metrics.json').read_text())
     assert test['num_queries'] == 3120  # small2: 156 unseen characters x 20 drawers
     assert test['recall@1'] > 0.25  # chance is 1 in 156; one such epoch gave 0.50 here
