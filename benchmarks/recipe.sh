@@ -14,7 +14,9 @@
 #   override the recipe's options that take a value (e.g. --temperature 0.5 --label-smoothing 0.1: the paper's
 #   classifier tricks, a variant compared on the held-out classes); the run folder is set here, not by --out
 #   data: $CGD_HEADS_DATA/<dataset>, default ../shared/data
-#   BF16=auto (default: from /proc/cpuinfo), 1 or 0; EPOCHS (default 16 with bf16, 6 without), IMG_SIZE (224)
+#   BF16=auto (default: from the x86 flags in /proc/cpuinfo), 1 or 0; EPOCHS (default 16 with bf16, 6 without),
+#   IMG_SIZE (224). With BF16=1 a trailing --amp none turns autocast off but channels_last stays on (cgd-train has no
+#   switch to turn it off); BF16=0 EPOCHS=16 ... --amp bf16 is bf16 without channels_last.
 # Variants, compared on the held-out classes only: BF16=0 (6 float32 epochs: results/cars196_recipe_float32.md),
 # IMG_SIZE=160 EPOCHS=8 BF16=0 (the first CARS196 recipe, results/cars196_recipe_160.md)
 set -euo pipefail

@@ -247,11 +247,36 @@ def cpu_has_bf16() -> bool:
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
+@pytest.mark.parametrize('bf16, epochs, precision', [('0', '6', ['--amp', 'none']),
+                                                     ('1', '16', ['--channels-last', '--amp', 'bf16'])])
+def test_recipe_precision_and_epochs(tmp_path, bf16, epochs, precision):
+    # stand-ins for cgd-train / cgd-eval that record their command lines: what the recipe asks for, without training
+    bin_dir, run_dir = tmp_path / 'bin', tmp_path / 'run'
+    bin_dir.mkdir()
+    run_dir.mkdir()
+    for name in ('cgd-train', 'cgd-eval'):
+        stub = bin_dir / name
+        stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{tmp_path}/{name}.args"\n')
+        stub.chmod(0o755)
+    env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', BF16=bf16)
+    env.pop('EPOCHS', None)
+    proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'cars196', str(run_dir), '--amp', 'fp16'],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / 'cgd-train.args').read_text().split('\n')[:-1]
+    assert args[args.index('--epochs') + 1] == epochs
+    ours = args[:args.index('--out')]
+    assert [a for a in ours if a in ('--channels-last', '--amp', 'none', 'bf16')] == precision
+    # the user's options come last, so cgd-train's parser (the last value wins) takes theirs
+    assert args[-2:] == ['--amp', 'fp16'] and args[args.index('--out') + 1] == str(run_dir)
+    assert (tmp_path / 'cgd-eval.args').read_text().split('\n')[:2] == ['--checkpoint', f'{run_dir}/best']
+
+
 @needs_omniglot
 @needs_lite0_weights
 def test_recipe_end_to_end_on_omniglot(tmp_path):
     # the recipe's own command lines (cgd-train, then cgd-eval on the best checkpoint) at 32 px for one epoch
-    env = script_env(CGD_HEADS_DATA=str(SHARED_DATA), IMG_SIZE='32', EPOCHS='1')
+    env = script_env(CGD_HEADS_DATA=str(SHARED_DATA), IMG_SIZE='32', EPOCHS='1', BF16='auto')
     run_dir = tmp_path / 'run'
     # options after the run folder reach cgd-train and override the recipe's (here: a variant with smoothing)
     proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'omniglot', str(run_dir), '--label-smoothing', '0.1'],
@@ -261,7 +286,7 @@ def test_recipe_end_to_end_on_omniglot(tmp_path):
     assert config['label_smoothing'] == 0.1
     # the recipe's own settings, kept
     assert (config['temperature'], config['num_workers'], config['lr'], config['img_size']) == (1.0, 0, 1e-4, 32)
-    # channels_last + bf16 autocast exactly where the CPU has bf16 instructions (emulated bf16 is slower than float32)
+    # channels_last + bf16 autocast exactly where the CPU has bf16 instructions (elsewhere bf16 is not expected to pay)
     bf16 = cpu_has_bf16()
     assert (config['amp'], config['channels_last']) == (('bf16', True) if bf16 else ('none', False))
     assert config['epochs'] == 1  # EPOCHS from the environment beats the recipe's default (16 with bf16, 6 without)
