@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -583,7 +584,7 @@ def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: i
         *setup,
         '- Same budget for every row.' + (f' Only the rows {args.rows} of the table were run.' if args.rows else ''),
         f'- Seeds: {args.seeds} (off-the-shelf rows are deterministic: one run). Values: mean +- std in %.',
-        f'- Command: `python benchmarks/ablations.py {" ".join(argv)}`',
+        f'- Command: `python benchmarks/ablations.py {shlex.join(argv)}`',  # quoted: row labels hold spaces
         f'- Machine: {device}; torch {torch.__version__}, timm {timm.__version__}; wall time {seconds / 60:.1f} min.',
         '', '| row | R@1 | R@2 | R@4 | R@8 | MAP@R |', '|---|---|---|---|---|---|',
     ]
