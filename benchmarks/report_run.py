@@ -22,15 +22,21 @@ def read_run(run: Path) -> Dict[str, Any]:
 
 
 def plot_curve(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
+    """Held-out R@1 and MAP@R per epoch; the training loss per epoch for a run without held-out classes."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    epochs = [r['epoch'] for r in rows if 'val_recall@1' in r]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(epochs, [100 * r['val_recall@1'] for r in rows if 'val_recall@1' in r], 'o-', label='held-out R@1')
-    ax.plot(epochs, [100 * r['val_map@r'] for r in rows if 'val_map@r' in r], 's--', label='held-out MAP@R')
+    validated = [r for r in rows if 'val_recall@1' in r]
+    if validated:
+        epochs = [r['epoch'] for r in validated]
+        ax.plot(epochs, [100 * r['val_recall@1'] for r in validated], 'o-', label='held-out R@1')
+        ax.plot(epochs, [100 * r['val_map@r'] for r in validated], 's--', label='held-out MAP@R')
+        ax.set_ylabel('%')
+    else:
+        ax.plot([r['epoch'] for r in rows], [r['loss_total'] for r in rows], 'o-', label='training loss')
+        ax.set_ylabel('loss')
     ax.set_xlabel('epoch')
-    ax.set_ylabel('%')
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -47,23 +53,39 @@ def trend(values: List[float]) -> str:
     return 'still rising' if step > 0.5 else 'falling' if step < -0.5 else 'flat'
 
 
-def report(run: Path, commands: str, reference: Optional[List[Dict[str, Any]]], png: Path) -> List[str]:
+def percent(value: Optional[float]) -> str:
+    """A fraction as a percentage with 2 decimals; '-' for an epoch that was not validated."""
+    return '-' if value is None else f'{100 * value:.2f}'
+
+
+def selection(rows: List[Dict[str, Any]], curve: List[float], png: Path) -> str:
+    """The sentence saying which epoch's weights were tested and why."""
+    if not curve:  # cgd-train --val-classes 0: best/ is rewritten every epoch, so it holds the last one
+        return (f'No held-out classes (`--val-classes 0`): trained on all training classes; the tested weights are '
+                f'the last epoch\'s ({rows[-1]["epoch"]}). Training loss per epoch: ![training loss]({png.name})')
+    best = max(rows, key=lambda r: r.get('val_recall@1', -1))
+    return (f'Held-out R@1 at the last epoch: {trend(curve)}; selected epoch {best["epoch"]} '
+            f'(![learning curve]({png.name}))')
+
+
+def report(run: Path, commands: str, reference: Optional[List[Dict[str, Any]]], png: Path,
+           invocation: Optional[str] = None) -> List[str]:
     data = read_run(run)
     rows, test, config = data['rows'], data['test'], data['config']
     curve = [100 * r['val_recall@1'] for r in rows if 'val_recall@1' in r]
-    best = max(rows, key=lambda r: r.get('val_recall@1', -1))
-    lines = [f'- Commands (`{commands}`):', '', '```bash', *Path(commands).read_text().strip().splitlines(), '```', '',
+    held_out = f'validation on {rows[0]["val_num_queries"]} held-out images' if curve else 'no validation'
+    lines = [f'- Run as `{invocation}`' if invocation else None,
+             f'- Commands (`{commands}`):', '', '```bash', *Path(commands).read_text().strip().splitlines(), '```', '',
              f'- Training: {len(rows)} epochs, {sum(r["seconds"] for r in rows) / 60:.1f} min in the epochs, '
              f'{min(r["images_per_s"] for r in rows):.2f}-{max(r["images_per_s"] for r in rows):.2f} images/s '
-             f'(DataLoader included); validation on {rows[0].get("val_num_queries", "?")} held-out images.']
+             f'(DataLoader included); {held_out}.']
+    lines = [line for line in lines if line is not None]
     if data['timing']:
         lines.append('- Wall time: ' + ', '.join(f'{k} {v / 60:.1f} min' for k, v in data['timing'].items()) + '.')
     lines += ['', '| epoch | lr | loss | held-out R@1 | held-out MAP@R | s |', '|---|---|---|---|---|---|']
-    nan = float('nan')
-    lines += [f'| {r["epoch"]} | {r["lr"]:.3g} | {r["loss_total"]:.3f} | {100 * r.get("val_recall@1", nan):.2f} | '
-              f'{100 * r.get("val_map@r", nan):.2f} | {r["seconds"]:.0f} |' for r in rows]
-    lines += ['', f'Held-out R@1 at the last epoch: {trend(curve)}; selected epoch {best["epoch"]} '
-                  f'(![learning curve]({png.name}))', '',
+    lines += [f'| {r["epoch"]} | {r["lr"]:.3g} | {r["loss_total"]:.3f} | {percent(r.get("val_recall@1"))} | '
+              f'{percent(r.get("val_map@r"))} | {r["seconds"]:.0f} |' for r in rows]
+    lines += ['', selection(rows, curve, png), '',
               f'## Test classes ({test["num_queries"]} queries, each against all other test images)', '',
               '| model | R@1 | R@2 | R@4 | R@8 | MAP@R |', '|---|---|---|---|---|---|',
               f'| fine-tuned (`{config["model_name"]}`, {config["descriptors"]}, {config["img_size"]} px) | '
@@ -83,6 +105,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--run', required=True, help='run folder of cgd-train (metrics.jsonl, test_metrics.json)')
     p.add_argument('--commands', required=True, help='the shell script that made the run (quoted in the file)')
     p.add_argument('--reference', help="off-the-shelf rows: an ablations.py JSON (--table off_the_shelf)")
+    p.add_argument('--invocation', help='the command line that ran the script (quoted above it)')
     p.add_argument('--title', default='cgd-train + cgd-eval')
     p.add_argument('--notes', help='a Markdown file appended as written (what was tried, caveats)')
     p.add_argument('--output', required=True, help='results Markdown; the PNG is written beside it')
@@ -90,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     out = Path(args.output)
     png = out.with_suffix('.png')
     reference = json.loads(Path(args.reference).read_text()) if args.reference else None
-    lines = [f'# {args.title}', ''] + report(Path(args.run), args.commands, reference, png)
+    lines = [f'# {args.title}', ''] + report(Path(args.run), args.commands, reference, png, args.invocation)
     if args.notes:
         lines += ['', Path(args.notes).read_text().strip()]
     plot_curve(read_run(Path(args.run))['rows'], png, args.title)
