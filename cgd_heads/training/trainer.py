@@ -327,6 +327,16 @@ def _save_epoch(run: _Run, row: Dict[str, Any], improved: bool, ckpt_extra: Dict
     _append_jsonl(run.out_dir / 'metrics.jsonl', run.history)
 
 
+def describe_selection(config: TrainConfig, val_list: Optional[ImageList]) -> str:
+    """What ``best/`` will hold: the best validated epoch, or the last one when nothing is held out."""
+    if val_list is None:
+        return ("none (no held-out classes: val_classes=0); best/ holds the last epoch's weights, so choose the "
+                "number of epochs on a run with held-out classes first")
+    every = f'every {config.eval_every} epochs and after the last' if config.eval_every > 1 else 'after every epoch'
+    return (f'best/ keeps the epoch with the highest {config.select_metric} on {val_list.num_classes} held-out '
+            f'classes ({len(val_list)} images), validated {every}')
+
+
 def train(
         config: TrainConfig,
         train_list: ImageList,
@@ -362,6 +372,8 @@ def train(
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     run = _build_run(config, train_list, out_dir, device, context)
+    if context.is_main:
+        _logger.info('model selection: %s', describe_selection(config, val_list))
     if resume:
         _restore(run)
     run_config = dataclasses.asdict(config)

@@ -187,3 +187,15 @@ def test_speed_options_compute_the_same_run(shapes_folder, tmp_path, option):
     assert len(fast.history) == len(plain.history) == TINY['epochs']
     # and a run may be resumed with the option switched (it is not one of the settings that define the run)
     assert option in train_module._RESUMABLE_CHANGES
+
+
+def test_the_log_says_what_best_will_hold(shapes_folder, tmp_path, caplog):
+    splits = load_splits('folder', shapes_folder)
+    with caplog.at_level('INFO', logger='cgd_heads.training.trainer'):
+        train(TrainConfig(**dict(TINY, epochs=1)), splits['all'], tmp_path / 'held_out')
+        train(TrainConfig(**dict(TINY, epochs=1, val_classes=0)), splits['all'], tmp_path / 'all')
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('model selection')]
+    # the shapes folder holds 6 images per class: 2 held-out classes are 12 images
+    assert lines[0] == ('model selection: best/ keeps the epoch with the highest recall@1 on 2 held-out classes '
+                        '(12 images), validated after every epoch')
+    assert lines[1].startswith("model selection: none (no held-out classes: val_classes=0); best/ holds the last")
