@@ -17,6 +17,9 @@
 #   BF16=auto (default: from the x86 flags in /proc/cpuinfo), 1 or 0; EPOCHS (default 16 with bf16, 6 without),
 #   IMG_SIZE (224). With BF16=1 a trailing --amp none turns autocast off but channels_last stays on (cgd-train has no
 #   switch to turn it off); BF16=0 EPOCHS=16 ... --amp bf16 is bf16 without channels_last.
+# Then retrain on all training classes for the chosen epoch count: EPOCHS=N bash benchmarks/recipe.sh DATASET RUN2
+# --val-classes 0 (best/ is then the last epoch's weights; on CARS196: benchmarks/cars196_recipe.sh,
+# results/cars196_recipe_all98.md).
 # Variants, compared on the held-out classes only: BF16=0 (6 float32 epochs: results/cars196_recipe_float32.md),
 # IMG_SIZE=160 EPOCHS=8 BF16=0 (the first CARS196 recipe, results/cars196_recipe_160.md)
 set -euo pipefail

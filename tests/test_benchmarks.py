@@ -247,18 +247,37 @@ def cpu_has_bf16() -> bool:
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
-@pytest.mark.parametrize('bf16, epochs, precision', [('0', '6', ['--amp', 'none']),
-                                                     ('1', '16', ['--channels-last', '--amp', 'bf16'])])
-def test_recipe_precision_and_epochs(tmp_path, bf16, epochs, precision):
-    # stand-ins for cgd-train / cgd-eval that record their command lines: what the recipe asks for, without training
-    bin_dir, run_dir = tmp_path / 'bin', tmp_path / 'run'
+def recording_stand_ins(tmp_path: Path) -> dict:
+    """Stand-ins for cgd-train / cgd-eval that write their arguments to tmp_path/NAME.args; the env that finds them."""
+    bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
-    run_dir.mkdir()
     for name in ('cgd-train', 'cgd-eval'):
         stub = bin_dir / name
         stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{tmp_path}/{name}.args"\n')
         stub.chmod(0o755)
-    env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', BF16=bf16)
+    return dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+
+
+def test_cars196_recipe_retrains_on_all_training_classes(tmp_path):
+    env = recording_stand_ins(tmp_path)
+    (tmp_path / 'run').mkdir()  # the stand-in cgd-train writes no run folder; recipe.sh writes timing.json there
+    proc = subprocess.run(['bash', str(BENCH / 'cars196_recipe.sh'), str(tmp_path / 'run'), '--seed', '1'],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / 'cgd-train.args').read_text().split('\n')[:-1]
+    # cgd-train's parser keeps the last value: the recipe's 0.2 is replaced by 0, and the user's options still come last
+    assert [args[i + 1] for i, a in enumerate(args) if a == '--val-classes'] == ['0.2', '0']
+    assert args[-2:] == ['--seed', '1'] and args[args.index('--train-classes') + 1] == '98'
+    assert (tmp_path / 'cgd-eval.args').read_text().split('\n')[:2] == ['--checkpoint', f'{tmp_path}/run/best']
+
+
+@pytest.mark.parametrize('bf16, epochs, precision', [('0', '6', ['--amp', 'none']),
+                                                     ('1', '16', ['--channels-last', '--amp', 'bf16'])])
+def test_recipe_precision_and_epochs(tmp_path, bf16, epochs, precision):
+    # stand-ins for cgd-train / cgd-eval that record their command lines: what the recipe asks for, without training
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    env = dict(recording_stand_ins(tmp_path), BF16=bf16)
     env.pop('EPOCHS', None)
     proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'cars196', str(run_dir), '--amp', 'fp16'],
                           capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
