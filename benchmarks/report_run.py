@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -37,7 +38,7 @@ def plot_curve(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
         ax.plot([r['epoch'] for r in rows], [r['loss_total'] for r in rows], 'o-', label='training loss')
         ax.set_ylabel('loss')
     ax.set_xlabel('epoch')
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=8)  # results titles are long: wrap rather than crop
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -61,7 +62,7 @@ def percent(value: Optional[float]) -> str:
 def selection(rows: List[Dict[str, Any]], curve: List[float], png: Path) -> str:
     """The sentence saying which epoch's weights were tested and why."""
     if not curve:  # cgd-train --val-classes 0: best/ is rewritten every epoch, so it holds the last one
-        return (f'No held-out classes (`--val-classes 0`): trained on all training classes; the tested weights are '
+        return (f'No held-out classes (`--val-classes 0`): trained on all training classes; the tested weights are\n'
                 f'the last epoch\'s ({rows[-1]["epoch"]}). Training loss per epoch: ![training loss]({png.name})')
     best = max(rows, key=lambda r: r.get('val_recall@1', -1))
     return (f'Held-out R@1 at the last epoch: {trend(curve)}; selected epoch {best["epoch"]} '
@@ -73,7 +74,9 @@ def report(run: Path, commands: str, reference: Optional[List[Dict[str, Any]]], 
     data = read_run(run)
     rows, test, config = data['rows'], data['test'], data['config']
     curve = [100 * r['val_recall@1'] for r in rows if 'val_recall@1' in r]
-    held_out = f'validation on {rows[0]["val_num_queries"]} held-out images' if curve else 'no validation'
+    # with --eval-every N > 1 the first epochs carry no held-out metrics: count the images of the first validated one
+    validated = [r for r in rows if 'val_recall@1' in r]
+    held_out = f'validation on {validated[0]["val_num_queries"]} held-out images' if validated else 'no validation'
     lines = [f'- Run as `{invocation}`' if invocation else None,
              f'- Commands (`{commands}`):', '', '```bash', *Path(commands).read_text().strip().splitlines(), '```', '',
              f'- Training: {len(rows)} epochs, {sum(r["seconds"] for r in rows) / 60:.1f} min in the epochs, '

@@ -316,12 +316,13 @@ def test_recipe_end_to_end_on_omniglot(tmp_path):
 
 
 def fake_run(folder: Path, val_recall: list) -> Path:
-    """A run folder as cgd-train + recipe.sh leave it: one metrics row per epoch, held-out metrics where given."""
+    """A run folder as cgd-train + recipe.sh leave it: one metrics row per epoch, held-out metrics where not None."""
     folder.mkdir()
     rows = [dict(epoch=i + 1, lr=1e-4 / (i + 1), loss_total=1.0 / (i + 1), seconds=60.0, images_per_s=10.0 + i)
             for i in range(3)]
     for row, r1 in zip(rows, val_recall):
-        row.update({'val_recall@1': r1, 'val_map@r': r1 / 2, 'val_num_queries': 843})
+        if r1 is not None:
+            row.update({'val_recall@1': r1, 'val_map@r': r1 / 2, 'val_num_queries': 843})
     (folder / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     (folder / 'train_config.json').write_text(json.dumps(dict(model_name='m', descriptors='SG', img_size=224)))
     (folder / 'test_metrics.json').write_text(json.dumps({'num_queries': 4092, 'recall@1': 0.8, 'recall@2': 0.85,
@@ -334,6 +335,7 @@ def test_report_run_names_the_selected_epoch_or_the_last_without_held_out_classe
     reference.write_text(json.dumps([{'row': 'GeM', **{k: [v, 0.0] for k, v in (
         ('recall@1', 0.5), ('recall@2', 0.6), ('recall@4', 0.7), ('recall@8', 0.8), ('map@r', 0.1))}}]))
     for name, val_recall, expected in (('validated', [0.7, 0.9, 0.8], 'selected epoch 2'),
+                                       ('every_2nd_epoch', [None, 0.6, 0.5], 'selected epoch 2'),  # --eval-every 2
                                        ('all_classes', [], "the last epoch's (3)")):
         out = tmp_path / f'{name}.md'
         run('report_run.py', '--run', str(fake_run(tmp_path / name, val_recall)), '--commands',
@@ -343,5 +345,7 @@ def test_report_run_names_the_selected_epoch_or_the_last_without_held_out_classe
         assert expected in text and '- Run as `bash recipe.sh x y`' in text
         assert 'GeM`): +30.00 R@1, +15.00 MAP@R' in text  # 80 - 50 and 25 - 10
         assert out.with_suffix('.png').stat().st_size > 0
-        if not val_recall:  # no held-out metrics: dashes, not nan
-            assert '| 1 | 0.0001 | 1.000 | - | - | 60 |' in text and 'nan' not in text
+        if not any(val_recall):  # no held-out metrics: dashes, not nan
+            assert '| 1 | 0.0001 | 1.000 | - | - | 60 |' in text and 'nan' not in text and 'no validation' in text
+        else:
+            assert 'validation on 843 held-out images' in text

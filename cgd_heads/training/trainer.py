@@ -332,7 +332,12 @@ def describe_selection(config: TrainConfig, val_list: Optional[ImageList]) -> st
     if val_list is None:
         return ("none (no held-out classes: val_classes=0); best/ holds the last epoch's weights, so choose the "
                 "number of epochs on a run with held-out classes first")
-    every = f'every {config.eval_every} epochs and after the last' if config.eval_every > 1 else 'after every epoch'
+    if config.eval_every >= config.epochs and config.epochs > 1:
+        every = 'after the last epoch only'
+    elif config.eval_every > 1:
+        every = f'every {config.eval_every} epochs and after the last'
+    else:
+        every = 'after every epoch'
     return (f'best/ keeps the epoch with the highest {config.select_metric} on {val_list.num_classes} held-out '
             f'classes ({len(val_list)} images), validated {every}')
 

@@ -193,9 +193,18 @@ def test_the_log_says_what_best_will_hold(shapes_folder, tmp_path, caplog):
     splits = load_splits('folder', shapes_folder)
     with caplog.at_level('INFO', logger='cgd_heads.training.trainer'):
         train(TrainConfig(**dict(TINY, epochs=1)), splits['all'], tmp_path / 'held_out')
-        train(TrainConfig(**dict(TINY, epochs=1, val_classes=0)), splits['all'], tmp_path / 'all')
+        train(TrainConfig(**dict(TINY, epochs=3, eval_every=2)), splits['all'], tmp_path / 'every_2nd')
+        train(TrainConfig(**dict(TINY, epochs=2, val_classes=0)), splits['all'], tmp_path / 'all')
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('model selection')]
     # the shapes folder holds 6 images per class: 2 held-out classes are 12 images
     assert lines[0] == ('model selection: best/ keeps the epoch with the highest recall@1 on 2 held-out classes '
                         '(12 images), validated after every epoch')
-    assert lines[1].startswith("model selection: none (no held-out classes: val_classes=0); best/ holds the last")
+    assert lines[1].endswith('validated every 2 epochs and after the last')
+    rows = [json.loads(line) for line in (tmp_path / 'every_2nd' / 'metrics.jsonl').read_text().splitlines()]
+    assert ['val_recall@1' in r for r in rows] == [False, True, True]  # what the message promised
+    assert lines[2].startswith("model selection: none (no held-out classes: val_classes=0); best/ holds the last")
+    # and it does: with nothing to select with, best/ is the last of the 2 epochs, equal to last/
+    assert load_config(tmp_path / 'all' / 'best')['epoch'] == 2
+    a = load_file(str(tmp_path / 'all' / 'best' / 'model.safetensors'))
+    b = load_file(str(tmp_path / 'all' / 'last' / 'model.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
