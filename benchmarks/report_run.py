@@ -73,9 +73,9 @@ def report(run: Path, commands: str, reference: Optional[List[Dict[str, Any]]], 
            invocation: Optional[str] = None) -> List[str]:
     data = read_run(run)
     rows, test, config = data['rows'], data['test'], data['config']
-    curve = [100 * r['val_recall@1'] for r in rows if 'val_recall@1' in r]
     # with --eval-every N > 1 the first epochs carry no held-out metrics: count the images of the first validated one
     validated = [r for r in rows if 'val_recall@1' in r]
+    curve = [100 * r['val_recall@1'] for r in validated]
     held_out = f'validation on {validated[0]["val_num_queries"]} held-out images' if validated else 'no validation'
     lines = [f'- Run as `{invocation}`' if invocation else None,
              f'- Commands (`{commands}`):', '', '```bash', *Path(commands).read_text().strip().splitlines(), '```', '',
