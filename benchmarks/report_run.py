@@ -19,11 +19,16 @@ def read_run(run: Path) -> Dict[str, Any]:
     rows = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines() if line.strip()]
     return dict(rows=rows, config=json.loads((run / 'train_config.json').read_text()),
                 test=json.loads((run / 'test_metrics.json').read_text()),
-                timing=json.loads((run / 'timing.json').read_text()) if (run / 'timing.json').is_file() else {})
+                timing=json.loads((run / 'timing.json').read_text()) if (run / 'timing.json').is_file() else {},
+                # written by cgd-train before the first epoch (runs of earlier versions have none)
+                reference=json.loads((run / 'reference.json').read_text()) if (run / 'reference.json').is_file()
+                else {})
 
 
-def plot_curve(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
-    """Held-out R@1 and MAP@R per epoch; the training loss per epoch for a run without held-out classes."""
+def plot_curve(rows: List[Dict[str, Any]], path: Path, title: str,
+               reference: Optional[Dict[str, Dict[str, float]]] = None) -> None:
+    """Held-out R@1 and MAP@R per epoch, the off-the-shelf held-out R@1 as dotted lines; the training loss per epoch
+    for a run without held-out classes."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -33,6 +38,8 @@ def plot_curve(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
         epochs = [r['epoch'] for r in validated]
         ax.plot(epochs, [100 * r['val_recall@1'] for r in validated], 'o-', label='held-out R@1')
         ax.plot(epochs, [100 * r['val_map@r'] for r in validated], 's--', label='held-out MAP@R')
+        for (label, metrics), color in zip((reference or {}).items(), ('tab:gray', 'tab:red', 'tab:purple')):
+            ax.axhline(100 * metrics['recall@1'], color=color, linestyle=':', label=f'R@1 before training: {label}')
         ax.set_ylabel('%')
     else:
         ax.plot([r['epoch'] for r in rows], [r['loss_total'] for r in rows], 'o-', label='training loss')
@@ -40,7 +47,7 @@ def plot_curve(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
     ax.set_xlabel('epoch')
     ax.set_title(textwrap.fill(title, 90), fontsize=8)  # results titles are long: wrap rather than crop
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -69,6 +76,19 @@ def selection(rows: List[Dict[str, Any]], curve: List[float], png: Path) -> str:
             f'(![learning curve]({png.name}))')
 
 
+def reference_lines(reference: Dict[str, Dict[str, float]], validated: List[Dict[str, Any]]) -> List[str]:
+    """The held-out metrics cgd-train measured before training (reference.json) against the selected epoch's."""
+    if not reference or not validated:
+        return []
+    best = max(validated, key=lambda r: r['val_recall@1'])
+    lines = ['', "Before training, on the same held-out classes (cgd-train's off-the-shelf reference, reference.json):",
+             '', '| model | held-out R@1 | held-out MAP@R |', '|---|---|---|']
+    lines += [f'| {label} | {percent(m["recall@1"])} | {percent(m["map@r"])} |' for label, m in reference.items()]
+    lines.append(f'| selected epoch ({best["epoch"]}) | {percent(best["val_recall@1"])} | '
+                 f'{percent(best["val_map@r"])} |')
+    return lines
+
+
 def report(run: Path, commands: str, reference: Optional[List[Dict[str, Any]]], png: Path,
            invocation: Optional[str] = None) -> List[str]:
     data = read_run(run)
@@ -88,7 +108,9 @@ def report(run: Path, commands: str, reference: Optional[List[Dict[str, Any]]], 
     lines += ['', '| epoch | lr | loss | held-out R@1 | held-out MAP@R | s |', '|---|---|---|---|---|---|']
     lines += [f'| {r["epoch"]} | {r["lr"]:.3g} | {r["loss_total"]:.3f} | {percent(r.get("val_recall@1"))} | '
               f'{percent(r.get("val_map@r"))} | {r["seconds"]:.0f} |' for r in rows]
-    lines += ['', selection(rows, curve, png), '',
+    lines += ['', selection(rows, curve, png)]
+    lines += reference_lines(data['reference'], validated)
+    lines += ['',
               f'## Test classes ({test["num_queries"]} queries, each against all other test images)', '',
               '| model | R@1 | R@2 | R@4 | R@8 | MAP@R |', '|---|---|---|---|---|---|',
               f'| fine-tuned (`{config["model_name"]}`, {config["descriptors"]}, {config["img_size"]} px) | '
@@ -119,7 +141,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     lines = [f'# {args.title}', ''] + report(Path(args.run), args.commands, reference, png, args.invocation)
     if args.notes:
         lines += ['', Path(args.notes).read_text().strip()]
-    plot_curve(read_run(Path(args.run))['rows'], png, args.title)
+    data = read_run(Path(args.run))
+    plot_curve(data['rows'], png, args.title, data['reference'])
     out.write_text('\n'.join(lines) + '\n')
     print(f'wrote {out} and {png}')
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -315,9 +316,12 @@ def test_recipe_end_to_end_on_omniglot(tmp_path):
     assert set(json.loads((run_dir / 'timing.json').read_text())) == {'cgd-train', 'cgd-eval'}
 
 
-def fake_run(folder: Path, val_recall: list) -> Path:
-    """A run folder as cgd-train + recipe.sh leave it: one metrics row per epoch, held-out metrics where not None."""
+def fake_run(folder: Path, val_recall: list, reference: Optional[dict] = None) -> Path:
+    """A run folder as cgd-train + recipe.sh leave it: one metrics row per epoch, held-out metrics where not None,
+    and cgd-train's off-the-shelf reference when given."""
     folder.mkdir()
+    if reference is not None:
+        (folder / 'reference.json').write_text(json.dumps(reference))
     rows = [dict(epoch=i + 1, lr=1e-4 / (i + 1), loss_total=1.0 / (i + 1), seconds=60.0, images_per_s=10.0 + i)
             for i in range(3)]
     for row, r1 in zip(rows, val_recall):
@@ -349,3 +353,16 @@ def test_report_run_names_the_selected_epoch_or_the_last_without_held_out_classe
             assert '| 1 | 0.0001 | 1.000 | - | - | 60 |' in text and 'nan' not in text and 'no validation' in text
         else:
             assert 'validation on 843 held-out images' in text
+        assert 'Before training' not in text  # these runs have no reference.json
+
+
+def test_report_run_shows_the_reference_cgd_train_measured_before_training(tmp_path):
+    reference = {'off-the-shelf GeM p=3, stride stripped': {'recall@1': 0.85, 'map@r': 0.3},
+                 'off-the-shelf GeM p=3, stride untouched': {'recall@1': 0.88, 'map@r': 0.4}}
+    out = tmp_path / 'with_reference.md'
+    run('report_run.py', '--run', str(fake_run(tmp_path / 'run', [0.7, 0.9, 0.8], reference)), '--commands',
+        str(BENCH / 'recipe.sh'), '--output', str(out))
+    text = out.read_text()
+    assert '| off-the-shelf GeM p=3, stride untouched | 88.00 | 40.00 |' in text
+    assert '| off-the-shelf GeM p=3, stride stripped | 85.00 | 30.00 |' in text
+    assert '| selected epoch (2) | 90.00 | 45.00 |' in text  # val_map@r is half the R@1 in fake_run

@@ -5,9 +5,11 @@ from .config import OPTIMIZERS, SCHEDULES, SELECT_METRICS, HeadSettings, TrainCo
 from .feature_cache import cached_feature_maps, feature_cache_key
 from .head_training import ARCHITECTURES, HeadTrainConfig, build_head, embed_features, train_head
 from .partial_training import PartialTrainConfig, train_partial
-from .trainer import TrainResult, build_model, freeze_batch_norm, train, validate
+from .reference import off_the_shelf_reference, reference_verdict
+from .trainer import TrainResult, build_model, freeze_batch_norm, train
+from .validation import validate
 
 __all__ = ['ARCHITECTURES', 'HeadSettings', 'HeadTrainConfig', 'OPTIMIZERS', 'PartialTrainConfig', 'SCHEDULES',
            'SELECT_METRICS', 'TrainConfig', 'TrainResult', 'build_head', 'build_model', 'cached_feature_maps',
-           'embed_features', 'feature_cache_key', 'freeze_batch_norm', 'train', 'train_head', 'train_partial',
-           'validate']
+           'embed_features', 'feature_cache_key', 'freeze_batch_norm', 'off_the_shelf_reference', 'reference_verdict',
+           'train', 'train_head', 'train_partial', 'validate']

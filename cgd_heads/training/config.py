@@ -102,6 +102,9 @@ class TrainConfig(HeadSettings):
     eval_every: int = setting(1, 'validate every N epochs (and after the last)')
     eval_batch_size: int = setting(128, 'validation batch size', cli=False)
     select_metric: str = setting('recall@1', 'validation metric that selects the best epoch', choices=SELECT_METRICS)
+    skip_reference: bool = setting(False, 'do not measure the off-the-shelf reference (the starting backbone\'s GeM '
+                                          'features, stride as run and untouched) on the held-out classes before '
+                                          'training')
     progress: bool = setting(True, 'show progress bars', cli=False)
 
     def __post_init__(self) -> None:

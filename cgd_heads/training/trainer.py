@@ -32,21 +32,21 @@ from ..data import ImageDataset, ImageList, create_cgd_transform, data_config_of
 from ..losses.cgd_loss import CGDLoss
 from ..models.cgd_model import HEAD_KWARGS, CGDModel, create_model, load_pretrained
 from ..models.checkpoint import config_diff, load_config, load_training_state, load_weights, save_pretrained
-from ..retrieval.extract import extract_embeddings
-from ..retrieval.metrics import evaluate_retrieval
-from ..utils.atomic import atomic_path, resolve_dir
+from ..utils.atomic import atomic_path, atomic_write_json, resolve_dir
 from ..utils.distributed import DistributedContext, all_reduce_mean, init_distributed
 from ..utils.runtime import amp_dtype, autocast, resolve_device, seed_everything
 from .config import TrainConfig
 from .distributed import DistributedMPerClassSampler
 from .optim import describe_schedule, make_optimizer, make_scheduler
+from .reference import off_the_shelf_reference, reference_verdict
+from .validation import validate
 
 __all__ = ['TrainResult', 'train', 'build_model', 'freeze_batch_norm', 'validate', 'updates_per_epoch']
 
 _logger = logging.getLogger(__name__)
 #: Settings that may change when a run is resumed (they do not change what is computed).
 #: settings that change how fast a run goes, not what it computes: a resumed run may change them
-_RESUMABLE_CHANGES = ('progress', 'num_workers', 'device', 'channels_last', 'compile')
+_RESUMABLE_CHANGES = ('progress', 'num_workers', 'device', 'channels_last', 'compile', 'skip_reference')
 
 
 @dataclass
@@ -62,6 +62,8 @@ class TrainResult:
     history: List[Dict[str, Any]] = field(default_factory=list)
     best_metric: Optional[float] = None
     is_main: bool = True
+    #: held-out metrics of the starting backbone's off-the-shelf features (:mod:`.reference`); empty when not measured
+    reference: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
 
 def build_model(config: TrainConfig, num_classes: int) -> CGDModel:
@@ -127,16 +129,6 @@ def _loader(dataset: ImageDataset, config: TrainConfig, device: torch.device,
                                           iters * config.batch_size, context.rank, context.world_size)
     return DataLoader(dataset, batch_size=config.batch_size // context.world_size, sampler=sampler,
                       num_workers=config.num_workers, drop_last=True, pin_memory=device.type == 'cuda')
-
-
-def validate(model: nn.Module, image_list: ImageList, data_config: Dict[str, Any], device: torch.device,
-             batch_size: int = 128, num_workers: int = 0, amp: Optional[torch.dtype] = None,
-             progress: bool = False) -> Dict[str, float]:
-    """Recall@1/2/4/8, precision@1 and MAP@R of ``model`` on ``image_list`` (every image a query vs the rest)."""
-    dataset = ImageDataset(image_list, create_cgd_transform(data_config, False, data_config['img_size']))
-    embeddings, labels = extract_embeddings(model, dataset, batch_size=batch_size, device=device,
-                                            num_workers=num_workers, amp_dtype=amp, progress=progress)
-    return evaluate_retrieval(embeddings, labels, ks=(1, 2, 4, 8))
 
 
 def _append_jsonl(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -327,6 +319,24 @@ def _save_epoch(run: _Run, row: Dict[str, Any], improved: bool, ckpt_extra: Dict
     _append_jsonl(run.out_dir / 'metrics.jsonl', run.history)
 
 
+def _measure_reference(run: _Run, val_list: Optional[ImageList]) -> Dict[str, Dict[str, float]]:
+    """The off-the-shelf reference on the held-out classes, measured once per run folder (``reference.json``)."""
+    path = run.out_dir / 'reference.json'
+    if val_list is None or run.config.skip_reference:
+        return {}
+    if path.is_file():  # resumed: measured when the run started
+        return json.loads(path.read_text(encoding='utf-8'))
+    start = time.time()
+    rows = off_the_shelf_reference(run.config, val_list, run.data_config, run.device, run.dtype)
+    atomic_write_json(path, rows)
+    for label, metrics in rows.items():
+        _logger.info('before training, %s: held-out recall@1 %.2f, map@r %.2f', label, 100 * metrics['recall@1'],
+                     100 * metrics['map@r'])
+    if rows:
+        _logger.info('off-the-shelf reference measured in %.0f s (--skip-reference to skip it)', time.time() - start)
+    return rows
+
+
 def describe_selection(config: TrainConfig, val_list: Optional[ImageList]) -> str:
     """What ``best/`` will hold: the best validated epoch, or the last one when nothing is held out."""
     if val_list is None:
@@ -387,6 +397,8 @@ def train(
     dataset = ImageDataset(train_list, create_cgd_transform(run.data_config, True, config.img_size,
                                                             config.resize_size), skip_bad_images=skip_bad_images)
     ckpt_extra = dict(extra or {}, data=run.data_config, train=run_config, class_names=train_list.class_names)
+    reference = _measure_reference(run, val_list) if context.is_main else {}
+    context.barrier()
     for epoch in range(run.start_epoch, config.epochs):
         row = _train_epoch(run, dataset, epoch)
         if run.scheduler is not None:
@@ -396,5 +408,8 @@ def train(
         context.barrier()
     if not context.is_main:
         return TrainResult(run.model, run.best_dir, run.last_dir, run.history, run.best_metric, is_main=False)
+    verdict = reference_verdict(run.best_metric, reference, config.select_metric)
+    if verdict is not None:
+        (_logger.info if verdict[0] else _logger.warning)(verdict[1])
     best = load_pretrained(run.best_dir, map_location=device) if resolve_dir(run.best_dir).exists() else run.model
-    return TrainResult(best, run.best_dir, run.last_dir, run.history, run.best_metric)
+    return TrainResult(best, run.best_dir, run.last_dir, run.history, run.best_metric, reference=reference)
