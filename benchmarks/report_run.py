@@ -21,12 +21,11 @@ def read_run(run: Path) -> Dict[str, Any]:
                 test=json.loads((run / 'test_metrics.json').read_text()),
                 timing=json.loads((run / 'timing.json').read_text()) if (run / 'timing.json').is_file() else {},
                 # written by cgd-train before the first epoch (runs of earlier versions have none)
-                reference=json.loads((run / 'reference.json').read_text()) if (run / 'reference.json').is_file()
-                else {})
+                start=json.loads((run / 'reference.json').read_text()) if (run / 'reference.json').is_file() else {})
 
 
 def plot_curve(rows: List[Dict[str, Any]], path: Path, title: str,
-               reference: Optional[Dict[str, Dict[str, float]]] = None) -> None:
+               start: Optional[Dict[str, Dict[str, float]]] = None) -> None:
     """Held-out R@1 and MAP@R per epoch, the off-the-shelf held-out R@1 as dotted lines; the training loss per epoch
     for a run without held-out classes."""
     import matplotlib
@@ -38,7 +37,7 @@ def plot_curve(rows: List[Dict[str, Any]], path: Path, title: str,
         epochs = [r['epoch'] for r in validated]
         ax.plot(epochs, [100 * r['val_recall@1'] for r in validated], 'o-', label='held-out R@1')
         ax.plot(epochs, [100 * r['val_map@r'] for r in validated], 's--', label='held-out MAP@R')
-        for (label, metrics), color in zip((reference or {}).items(), ('tab:gray', 'tab:red', 'tab:purple')):
+        for (label, metrics), color in zip((start or {}).items(), ('tab:gray', 'tab:red', 'tab:purple')):
             ax.axhline(100 * metrics['recall@1'], color=color, linestyle=':', label=f'R@1 before training: {label}')
         ax.set_ylabel('%')
     else:
@@ -66,32 +65,41 @@ def percent(value: Optional[float]) -> str:
     return '-' if value is None else f'{100 * value:.2f}'
 
 
-def selection(rows: List[Dict[str, Any]], curve: List[float], png: Path) -> str:
+def selected(validated: List[Dict[str, Any]], config: Dict[str, Any]) -> Dict[str, Any]:
+    """The validated epoch best/ holds: the first with the highest held-out select_metric (cgd-train keeps an epoch
+    only when it improves strictly)."""
+    key = 'val_' + config.get('select_metric', 'recall@1')
+    return max(validated, key=lambda r: r[key])
+
+
+def selection(rows: List[Dict[str, Any]], curve: List[float], png: Path, config: Dict[str, Any]) -> str:
     """The sentence saying which epoch's weights were tested and why."""
     if not curve:  # cgd-train --val-classes 0: best/ is rewritten every epoch, so it holds the last one
         return (f'No held-out classes (`--val-classes 0`): trained on all training classes; the tested weights are\n'
                 f'the last epoch\'s ({rows[-1]["epoch"]}). Training loss per epoch: ![training loss]({png.name})')
-    best = max(rows, key=lambda r: r.get('val_recall@1', -1))
+    best = selected([r for r in rows if 'val_recall@1' in r], config)
     return (f'Held-out R@1 at the last epoch: {trend(curve)}; selected epoch {best["epoch"]} '
             f'(![learning curve]({png.name}))')
 
 
-def reference_lines(reference: Dict[str, Dict[str, float]], validated: List[Dict[str, Any]]) -> List[str]:
+def start_lines(start: Dict[str, Dict[str, float]], validated: List[Dict[str, Any]],
+                config: Dict[str, Any]) -> List[str]:
     """The held-out metrics cgd-train measured before training (reference.json) against the selected epoch's."""
-    if not reference or not validated:
+    if not start or not validated:
         return []
-    best = max(validated, key=lambda r: r['val_recall@1'])
+    best = selected(validated, config)
     lines = ['', "Before training, on the same held-out classes (cgd-train's off-the-shelf reference, reference.json):",
              '', '| model | held-out R@1 | held-out MAP@R |', '|---|---|---|']
-    lines += [f'| {label} | {percent(m["recall@1"])} | {percent(m["map@r"])} |' for label, m in reference.items()]
+    lines += [f'| {label} | {percent(m["recall@1"])} | {percent(m["map@r"])} |' for label, m in start.items()]
     lines.append(f'| selected epoch ({best["epoch"]}) | {percent(best["val_recall@1"])} | '
                  f'{percent(best["val_map@r"])} |')
     return lines
 
 
-def report(run: Path, commands: str, reference: Optional[List[Dict[str, Any]]], png: Path,
+def report(data: Dict[str, Any], commands: str, reference: Optional[List[Dict[str, Any]]], png: Path,
            invocation: Optional[str] = None) -> List[str]:
-    data = read_run(run)
+    """The results file's lines; ``data`` as :func:`read_run` returns it, ``reference`` the off-the-shelf rows on the
+    test split (an ablations.py JSON)."""
     rows, test, config = data['rows'], data['test'], data['config']
     # with --eval-every N > 1 the first epochs carry no held-out metrics: count the images of the first validated one
     validated = [r for r in rows if 'val_recall@1' in r]
@@ -108,8 +116,8 @@ def report(run: Path, commands: str, reference: Optional[List[Dict[str, Any]]], 
     lines += ['', '| epoch | lr | loss | held-out R@1 | held-out MAP@R | s |', '|---|---|---|---|---|---|']
     lines += [f'| {r["epoch"]} | {r["lr"]:.3g} | {r["loss_total"]:.3f} | {percent(r.get("val_recall@1"))} | '
               f'{percent(r.get("val_map@r"))} | {r["seconds"]:.0f} |' for r in rows]
-    lines += ['', selection(rows, curve, png)]
-    lines += reference_lines(data['reference'], validated)
+    lines += ['', selection(rows, curve, png, config)]
+    lines += start_lines(data['start'], validated, config)
     lines += ['',
               f'## Test classes ({test["num_queries"]} queries, each against all other test images)', '',
               '| model | R@1 | R@2 | R@4 | R@8 | MAP@R |', '|---|---|---|---|---|---|',
@@ -138,11 +146,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     out = Path(args.output)
     png = out.with_suffix('.png')
     reference = json.loads(Path(args.reference).read_text()) if args.reference else None
-    lines = [f'# {args.title}', ''] + report(Path(args.run), args.commands, reference, png, args.invocation)
+    data = read_run(Path(args.run))
+    lines = [f'# {args.title}', ''] + report(data, args.commands, reference, png, args.invocation)
     if args.notes:
         lines += ['', Path(args.notes).read_text().strip()]
-    data = read_run(Path(args.run))
-    plot_curve(data['rows'], png, args.title, data['reference'])
+    plot_curve(data['rows'], png, args.title, data['start'])
     out.write_text('\n'.join(lines) + '\n')
     print(f'wrote {out} and {png}')
 

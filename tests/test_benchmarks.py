@@ -366,3 +366,13 @@ def test_report_run_shows_the_reference_cgd_train_measured_before_training(tmp_p
     assert '| off-the-shelf GeM p=3, stride untouched | 88.00 | 40.00 |' in text
     assert '| off-the-shelf GeM p=3, stride stripped | 85.00 | 30.00 |' in text
     assert '| selected epoch (2) | 90.00 | 45.00 |' in text  # val_map@r is half the R@1 in fake_run
+    # selected by the run's select_metric: with map@r it is the epoch of the best held-out MAP@R
+    run_dir = fake_run(tmp_path / 'by_map', [0.7, 0.9, 0.8], reference)
+    rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+    rows[2]['val_map@r'] = 0.6
+    (run_dir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    config = json.loads((run_dir / 'train_config.json').read_text())
+    (run_dir / 'train_config.json').write_text(json.dumps(dict(config, select_metric='map@r')))
+    run('report_run.py', '--run', str(run_dir), '--commands', str(BENCH / 'recipe.sh'), '--output', str(out))
+    text = out.read_text()
+    assert '| selected epoch (3) | 80.00 | 60.00 |' in text and 'selected epoch 3' in text

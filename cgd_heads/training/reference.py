@@ -29,14 +29,20 @@ _logger = logging.getLogger(__name__)
 _STRIDE_WORDS = {None: 'untouched', 'strip': 'stripped', 'dilate': 'dilated'}
 
 
+def _has_weights(config: TrainConfig) -> bool:
+    """Whether the run's backbone starts from weights a rebuild reproduces (else it is a fresh random network)."""
+    return bool(config.pretrained or config.pretrained_from or config.checkpoint_path)
+
+
 def _reference_models(config: TrainConfig) -> Iterator[Tuple[str, OffTheShelfModel]]:
     """The run's starting backbone pooled off the shelf: with its stride mode, then untouched when that differs.
 
-    Built one at a time (a generator), so at most one extra backbone is in memory."""
+    Built one at a time (a generator), so the previous one can be freed while the next is built."""
     for mode in dict.fromkeys((config.stride_mode, None)):  # the run's mode first; no duplicate when it is None
         backbone, features, model_state = create_backbone(config.model_name, config.pretrained, mode,
                                                           config.checkpoint_path, config.pretrained_from)
         if model_state is not None:  # continuing from a trained CGD model: its backbone is not "off the shelf"
+            _logger.info('no off-the-shelf reference: checkpoint_path holds a trained CGD model, not backbone weights')
             return
         label = f'off-the-shelf GeM p={config.gem_p:g}, stride {_STRIDE_WORDS[features.stride_mode]}'
         yield label, OffTheShelfModel(backbone, features, config.gem_p).eval()
@@ -56,9 +62,15 @@ def off_the_shelf_reference(config: TrainConfig, val_list: ImageList, data_confi
         amp: Autocast dtype of the run's validation (None: float32).
 
     Returns:
-        ``{label: metrics}`` in the order measured (the run's stride mode first); empty when the run starts from a
-        trained CGD checkpoint (``checkpoint_path`` holding a whole model), which has no off-the-shelf start.
+        ``{label: metrics}`` in the order measured (the run's stride mode first). Empty (and logged) when there is
+        no off-the-shelf start: a backbone from random weights (no ``pretrained``, ``pretrained_from`` or
+        ``checkpoint_path``; a rebuild would be another random network), or ``checkpoint_path`` holding a whole
+        trained CGD model.
     """
+    if not _has_weights(config):
+        _logger.info('no off-the-shelf reference: the backbone starts from random weights (no pretrained, '
+                     'pretrained_from or checkpoint_path)')
+        return {}
     rows: Dict[str, Dict[str, float]] = {}
     for label, model in _reference_models(config):
         rows[label] = validate(model.to(device), val_list, data_config, device, config.eval_batch_size,

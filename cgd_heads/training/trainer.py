@@ -5,7 +5,9 @@ run (model, loss, optimizer), restore it when resuming, then per epoch train, va
 guarantees:
 
 * Batches of ``batch_size / m_per_class`` classes x ``m_per_class`` images (PML's ``MPerClassSampler``).
-* Model selection on a validation split of *training* classes, never on the test split.
+* Model selection on a validation split of *training* classes, never on the test split, and before the first epoch
+  the starting backbone's off-the-shelf features measured on that split (``out_dir/reference.json``), the reference
+  the selected epoch should beat.
 * Every epoch ends with an atomic checkpoint in ``out_dir/last`` (weights, optimizer, scheduler, AMP scaler,
   history) and, when validation improves, ``out_dir/best``. Before every epoch all random generators are re-seeded
   from ``(seed, epoch)``, so sampler order, augmentation and dropout of an epoch do not depend on what ran before:
@@ -32,7 +34,7 @@ from ..data import ImageDataset, ImageList, create_cgd_transform, data_config_of
 from ..losses.cgd_loss import CGDLoss
 from ..models.cgd_model import HEAD_KWARGS, CGDModel, create_model, load_pretrained
 from ..models.checkpoint import config_diff, load_config, load_training_state, load_weights, save_pretrained
-from ..utils.atomic import atomic_path, atomic_write_json, resolve_dir
+from ..utils.atomic import atomic_path, resolve_dir
 from ..utils.distributed import DistributedContext, all_reduce_mean, init_distributed
 from ..utils.runtime import amp_dtype, autocast, resolve_device, seed_everything
 from .config import TrainConfig
@@ -325,15 +327,21 @@ def _measure_reference(run: _Run, val_list: Optional[ImageList]) -> Dict[str, Di
     if val_list is None or run.config.skip_reference:
         return {}
     if path.is_file():  # resumed: measured when the run started
-        return json.loads(path.read_text(encoding='utf-8'))
-    start = time.time()
-    rows = off_the_shelf_reference(run.config, val_list, run.data_config, run.device, run.dtype)
-    atomic_write_json(path, rows)
+        rows = json.loads(path.read_text(encoding='utf-8'))
+        when = 'measured when the run started'
+    else:
+        start = time.time()
+        rows = off_the_shelf_reference(run.config, val_list, run.data_config, run.device, run.dtype)
+        with atomic_path(path) as tmp:  # in the order measured: the run's stride mode first
+            tmp.write_text(json.dumps(rows, indent=2) + '\n', encoding='utf-8')
+        when = ('before training' if run.start_epoch == 0 else
+                f'at epoch {run.start_epoch + 1} (the run started without a reference)')
+        if rows:
+            _logger.info('off-the-shelf reference measured in %.0f s (--skip-reference to skip it)',
+                         time.time() - start)
     for label, metrics in rows.items():
-        _logger.info('before training, %s: held-out recall@1 %.2f, map@r %.2f', label, 100 * metrics['recall@1'],
+        _logger.info('%s, %s: held-out recall@1 %.2f, map@r %.2f', when, label, 100 * metrics['recall@1'],
                      100 * metrics['map@r'])
-    if rows:
-        _logger.info('off-the-shelf reference measured in %.0f s (--skip-reference to skip it)', time.time() - start)
     return rows
 
 
@@ -367,7 +375,8 @@ def train(
         config: The run's settings.
         train_list: Training images; ``config.val_classes`` of its classes are held out for validation unless
             ``val_list`` is given.
-        out_dir: Run folder: ``train_config.json``, ``metrics.jsonl``, ``last/``, ``best/``.
+        out_dir: Run folder: ``train_config.json``, ``metrics.jsonl``, ``last/``, ``best/``, and with held-out
+            classes ``reference.json`` (the starting backbone's off-the-shelf metrics on them, :mod:`.reference`).
         resume: Continue from ``out_dir/last``. Without it an existing run in ``out_dir`` is an error (never
             overwritten).
         val_list: Explicit validation images (classes disjoint from training), instead of ``val_classes``.

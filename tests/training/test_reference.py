@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import cgd_heads.training.trainer as train_module
 from cgd_heads.data import ImageDataset, create_cgd_transform, data_config_of, load_splits
@@ -48,14 +48,14 @@ def naive_recall_at_1(backbone, image_list, data_config, p):
 
 def test_reference_rows_match_a_naive_gem_loop(shapes_folder, backbone_weights):
     val_list = load_splits('folder', shapes_folder)['all']
-    config = TrainConfig(**dict(TINY, checkpoint_path=backbone_weights, gem_p=3.0))
+    config = TrainConfig(**dict(TINY, checkpoint_path=backbone_weights, gem_p=2.0))  # not the default p: it is used
     data_config = data_config_of(create_model('test_resnet', embed_dim=16), 24)
     rows = off_the_shelf_reference(config, val_list, data_config, torch.device('cpu'))
-    assert list(rows) == ['off-the-shelf GeM p=3, stride stripped', 'off-the-shelf GeM p=3, stride untouched']
+    assert list(rows) == ['off-the-shelf GeM p=2, stride stripped', 'off-the-shelf GeM p=2, stride untouched']
     untouched = timm.create_model('test_resnet', num_classes=0, checkpoint_path=backbone_weights)
     stripped, _, _ = create_backbone('test_resnet', stride_mode='strip', checkpoint_path=backbone_weights)
-    expected = {'stripped': naive_recall_at_1(stripped, val_list, data_config, 3.0),
-                'untouched': naive_recall_at_1(untouched, val_list, data_config, 3.0)}
+    expected = {'stripped': naive_recall_at_1(stripped, val_list, data_config, 2.0),
+                'untouched': naive_recall_at_1(untouched, val_list, data_config, 2.0)}
     for label, metrics in rows.items():
         assert metrics['recall@1'] == pytest.approx(expected[label.rsplit(' ', 1)[1]], abs=1e-6)
         assert set(metrics) >= {'recall@1', 'recall@8', 'map@r'}
@@ -65,13 +65,14 @@ def test_reference_rows_match_a_naive_gem_loop(shapes_folder, backbone_weights):
         'off-the-shelf GeM p=3, stride untouched']
 
 
-def test_no_reference_when_starting_from_a_trained_cgd_model(shapes_folder, tmp_path):
+def test_no_reference_without_an_off_the_shelf_start(shapes_folder, tmp_path):
     path = tmp_path / 'cgd.safetensors'
     save_file(create_model('test_resnet', embed_dim=16).state_dict(), str(path))
-    config = TrainConfig(**dict(TINY, checkpoint_path=str(path)))
     val_list = load_splits('folder', shapes_folder)['all']
     data_config = data_config_of(create_model('test_resnet', embed_dim=16), 24)
-    assert off_the_shelf_reference(config, val_list, data_config, torch.device('cpu')) == {}
+    # a trained CGD model as the starting point, and random weights (a rebuild would be another random network)
+    for config in (TrainConfig(**dict(TINY, checkpoint_path=str(path))), TrainConfig(**TINY)):
+        assert off_the_shelf_reference(config, val_list, data_config, torch.device('cpu')) == {}
 
 
 def test_verdict_compares_with_the_better_row():
@@ -91,6 +92,7 @@ def test_train_measures_the_reference_before_the_first_epoch(shapes_folder, back
     with caplog.at_level('INFO', logger='cgd_heads.training.trainer'):
         result = train(config, splits['all'], tmp_path / 'run')
     saved = json.loads((tmp_path / 'run' / 'reference.json').read_text())
+    assert len(saved) == 2
     assert saved == result.reference and len(saved) == 2
     messages = [r.getMessage() for r in caplog.records]
     first_epoch = next(i for i, m in enumerate(messages) if m.startswith('epoch 1:'))
@@ -101,14 +103,21 @@ def test_train_measures_the_reference_before_the_first_epoch(shapes_folder, back
     assert len(verdict) == 1 and (verdict[0].levelname == 'INFO') == (result.best_metric > top)
     # nothing to compare without held-out classes, and the option skips it
     for name, extra in (('all', dict(val_classes=0)), ('skipped', dict(skip_reference=True))):
-        result = train(TrainConfig(**dict(TINY, checkpoint_path=backbone_weights, **extra)), splits['all'],
-                       tmp_path / name)
-        assert result.reference == {} and not (tmp_path / name / 'reference.json').exists()
+        other = train(TrainConfig(**dict(TINY, checkpoint_path=backbone_weights, **extra)), splits['all'],
+                      tmp_path / name)
+        assert other.reference == {} and not (tmp_path / name / 'reference.json').exists()
+    # measuring the reference does not change what the run computes (the epochs re-seed every generator)
+    timing = ('seconds', 'images_per_s')
+    assert ([{k: v for k, v in r.items() if k not in timing} for r in other.history]
+            == [{k: v for k, v in r.items() if k not in timing} for r in result.history])
+    a = load_file(str(tmp_path / 'run' / 'last' / 'model.safetensors'))
+    b = load_file(str(tmp_path / 'skipped' / 'last' / 'model.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_resumed_run_keeps_the_reference_it_started_with(shapes_folder, tmp_path, monkeypatch):
+def test_a_resumed_run_keeps_the_reference_it_started_with(shapes_folder, backbone_weights, tmp_path, monkeypatch):
     splits = load_splits('folder', shapes_folder)
-    config = TrainConfig(**dict(TINY, epochs=2))
+    config = TrainConfig(**dict(TINY, epochs=2, checkpoint_path=backbone_weights))
     real_append = train_module._append_jsonl
 
     def crash_after_first_epoch(path, rows):
@@ -121,6 +130,7 @@ def test_a_resumed_run_keeps_the_reference_it_started_with(shapes_folder, tmp_pa
         train(config, splits['all'], tmp_path / 'run')
     monkeypatch.setattr(train_module, '_append_jsonl', real_append)
     saved = json.loads((tmp_path / 'run' / 'reference.json').read_text())
+    assert len(saved) == 2
 
     def measured_again(*args, **kwargs):
         raise AssertionError('the reference was measured again on resume')
