@@ -133,11 +133,24 @@ def report(data: Dict[str, Any], commands: str, reference: Optional[List[Dict[st
     return lines
 
 
+def reference_rows(path: Path) -> List[Dict[str, Any]]:
+    """Off-the-shelf test rows from an ablations.py JSON (a list of rows, mean and std per metric) or from one
+    ``cgd-eval --off-the-shelf ... --output`` JSON (one row; a single run, std 0)."""
+    data = json.loads(path.read_text())
+    if isinstance(data, list):
+        return data
+    ots = data['off_the_shelf']
+    pool = {1.0: 'GAP', float('inf'): 'MAC'}.get(float(ots['p']), f'GeM p={float(ots["p"]):g}')
+    stride = {None: 'untouched', 'strip': 'stripped', 'dilate': 'dilated'}[ots['stride_mode']]
+    return [dict({k: [data[k], 0.0] for k in METRICS}, row=f'{pool}, stride {stride} (cgd-eval --off-the-shelf)')]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--run', required=True, help='run folder of cgd-train (metrics.jsonl, test_metrics.json)')
     p.add_argument('--commands', required=True, help='the shell script that made the run (quoted in the file)')
-    p.add_argument('--reference', help="off-the-shelf rows: an ablations.py JSON (--table off_the_shelf)")
+    p.add_argument('--reference', nargs='+', help='off-the-shelf test rows: an ablations.py JSON (--table '
+                   'off_the_shelf) and/or cgd-eval --off-the-shelf JSON files')
     p.add_argument('--invocation', help='the command line that ran the script (quoted above it)')
     p.add_argument('--title', default='cgd-train + cgd-eval')
     p.add_argument('--notes', help='a Markdown file appended as written (what was tried, caveats)')
@@ -145,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.output)
     png = out.with_suffix('.png')
-    reference = json.loads(Path(args.reference).read_text()) if args.reference else None
+    reference = [row for path in args.reference for row in reference_rows(Path(path))] if args.reference else None
     data = read_run(Path(args.run))
     lines = [f'# {args.title}', ''] + report(data, args.commands, reference, png, args.invocation)
     if args.notes:

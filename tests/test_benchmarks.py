@@ -356,6 +356,21 @@ def test_report_run_names_the_selected_epoch_or_the_last_without_held_out_classe
         assert 'Before training' not in text  # these runs have no reference.json
 
 
+def test_report_run_reads_cgd_eval_off_the_shelf_files(tmp_path):
+    files = []
+    for mode, r1 in ((None, 0.6), ('strip', 0.62)):
+        files.append(tmp_path / f'ots_{mode}.json')
+        files[-1].write_text(json.dumps({'off_the_shelf': {'p': 3.0, 'stride_mode': mode}, 'recall@1': r1,
+                                         'recall@2': 0.7, 'recall@4': 0.8, 'recall@8': 0.9, 'map@r': 0.2}))
+    out = tmp_path / 'report.md'
+    run('report_run.py', '--run', str(fake_run(tmp_path / 'run', [0.7, 0.9, 0.8])), '--commands',
+        str(BENCH / 'recipe.sh'), '--reference', *map(str, files), '--output', str(out))
+    text = out.read_text()
+    assert '| off-the-shelf GeM p=3, stride untouched (cgd-eval --off-the-shelf) | 60.00 |' in text
+    # the better of the two files is the one compared with: 80 - 62 and 25 - 20
+    assert 'stride stripped (cgd-eval --off-the-shelf)`): +18.00 R@1, +5.00 MAP@R' in text
+
+
 def test_report_run_shows_the_reference_cgd_train_measured_before_training(tmp_path):
     reference = {'off-the-shelf GeM p=3, stride stripped': {'recall@1': 0.85, 'map@r': 0.3},
                  'off-the-shelf GeM p=3, stride untouched': {'recall@1': 0.88, 'map@r': 0.4}}
