@@ -13,6 +13,7 @@ at the end whether the selected epoch beat the better of them.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -88,10 +89,18 @@ def reference_verdict(best: Optional[float], reference: Dict[str, Dict[str, floa
         return None
     label, top = max(reference.items(), key=lambda item: item[1][metric])
     gap = 100 * (best - top[metric])
+    noise = ''
+    queries = top.get('num_queries')
+    if metric in ('recall@1', 'precision@1') and queries:
+        # a hit rate over n queries: the difference of two such rates has a standard error of about
+        # sqrt(2 p (1 - p) / n), so a smaller gap is not evidence either way
+        se = 100 * math.sqrt(2 * top[metric] * (1 - top[metric]) / queries)
+        if abs(gap) < se:
+            noise = f', within the noise of {queries} held-out queries (standard error of the difference ~{se:.2f})'
     if gap > 0:
         return True, (f'the selected epoch beats the off-the-shelf reference on the held-out classes: {metric} '
-                      f'{100 * best:.2f} vs {100 * top[metric]:.2f} ({label}), {gap:+.2f} points')
+                      f'{100 * best:.2f} vs {100 * top[metric]:.2f} ({label}), {gap:+.2f} points{noise}')
     return False, (f'the selected epoch does NOT beat the off-the-shelf reference on the held-out classes: '
-                   f'{metric} {100 * best:.2f} vs {100 * top[metric]:.2f} ({label}), {gap:+.2f} points; on data like '
-                   f'this keep the pretrained features (cgd-eval --off-the-shelf MODEL) or change the recipe '
-                   f'(docs/training.md, "Adapting the recipe to other data")')
+                   f'{metric} {100 * best:.2f} vs {100 * top[metric]:.2f} ({label}), {gap:+.2f} points{noise}; on '
+                   f'data like this keep the pretrained features (cgd-eval --off-the-shelf MODEL) or change the '
+                   f'recipe (docs/training.md, "Adapting the recipe to other data")')

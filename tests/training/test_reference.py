@@ -82,6 +82,13 @@ def test_verdict_compares_with_the_better_row():
     beaten, sentence = reference_verdict(0.85, reference, 'recall@1')
     assert not beaten and 'does NOT beat' in sentence and '-5.00 points' in sentence
     assert reference_verdict(0.90, reference, 'recall@1')[0] is False  # a tie is not a win
+    # with the query count a gap smaller than the standard error of a difference is called noise
+    counted = {'GeM': {'recall@1': 0.92, 'num_queries': 649}}  # se = 100 * sqrt(2 * 0.92 * 0.08 / 649) = 1.51
+    beaten, sentence = reference_verdict(0.9215, counted, 'recall@1')
+    assert beaten and sentence.endswith('within the noise of 649 held-out queries (standard error of the difference '
+                                        '~1.51)')
+    assert 'noise' not in reference_verdict(0.95, counted, 'recall@1')[1]
+    assert 'noise' in reference_verdict(0.91, counted, 'recall@1')[1]
     assert reference_verdict(None, reference, 'recall@1') is None
     assert reference_verdict(0.9, {}, 'recall@1') is None
 
