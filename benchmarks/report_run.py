@@ -99,7 +99,7 @@ def start_lines(start: Dict[str, Dict[str, float]], validated: List[Dict[str, An
 def report(data: Dict[str, Any], commands: str, reference: Optional[List[Dict[str, Any]]], png: Path,
            invocation: Optional[str] = None) -> List[str]:
     """The results file's lines; ``data`` as :func:`read_run` returns it, ``reference`` the off-the-shelf rows on the
-    test split (an ablations.py JSON)."""
+    test split (as :func:`reference_rows` reads them)."""
     rows, test, config = data['rows'], data['test'], data['config']
     # with --eval-every N > 1 the first epochs carry no held-out metrics: count the images of the first validated one
     validated = [r for r in rows if 'val_recall@1' in r]
