@@ -49,6 +49,7 @@ _EXPORTS = {
     'nmi_from_clusters': 'cgd_heads.retrieval.clustering',
     'normalized_mutual_info': 'cgd_heads.retrieval.clustering',
     'TrainConfig': 'cgd_heads.training.config',
+    'recipe_config': 'cgd_heads.training.recipes',
     'train': 'cgd_heads.training.trainer',
 }
 
@@ -60,7 +61,7 @@ __all__ = [
     'feature_map_size',
     'generalized_mean', 'k_reciprocal_rerank_dense', 'k_reciprocal_rerank_sparse', 'load_index', 'load_pretrained',
     'load_units', 'model_fingerprint', 'nmi_from_clusters', 'normalized_mutual_info', 'query_expansion',
-    'save_pretrained', 'strip_last_stride', 'train',
+    'recipe_config', 'save_pretrained', 'strip_last_stride', 'train',
 ]
 
 if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
@@ -86,6 +87,7 @@ if TYPE_CHECKING:  # what IDEs, type checkers and documentation tools read
     from .retrieval.units import EmbeddingUnits, load_units
     from .retrieval.whitening import Whitening, model_fingerprint
     from .training.config import TrainConfig
+    from .training.recipes import recipe_config
     from .training.trainer import train
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import random
+from pathlib import Path
 from typing import ContextManager, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ['resolve_device', 'amp_dtype', 'autocast', 'seed_everything', 'AMP_MODES']
+__all__ = ['resolve_device', 'amp_dtype', 'autocast', 'seed_everything', 'cpu_has_bf16', 'AMP_MODES']
 
 AMP_MODES = ('auto', 'none', 'bf16', 'fp16')
 
@@ -49,3 +50,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+#: x86 flags of native bf16 arithmetic (/proc/cpuinfo): without them a bf16 autocast on the CPU converts to float32 and
+#: back around every matmul, which is not expected to pay.
+BF16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
+
+
+def cpu_has_bf16(cpuinfo: Union[str, Path] = '/proc/cpuinfo') -> bool:
+    """Whether the CPU lists one of :data:`BF16_CPU_FLAGS` in ``cpuinfo`` (False where that file cannot be read)."""
+    try:
+        text = Path(cpuinfo).read_text(errors='replace')
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(':')
+        if key.strip() == 'flags':
+            flags.update(value.split())
+    return any(flag in flags for flag in BF16_CPU_FLAGS)

@@ -59,6 +59,10 @@ def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _is_optional(hint: Any) -> bool:
+    return typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
+
+
 def _base_type(hint: Any) -> Any:
     """``Optional[int]`` -> int; plain types as they are."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -69,8 +73,8 @@ def add_options(parser: argparse.ArgumentParser, config_cls: type, only: Optiona
                 defaults: Optional[Dict[str, Any]] = None) -> None:
     """Add one option per field of ``config_cls`` (those in ``only``, if given) with ``dest`` = the field name.
 
-    Booleans become ``store_true`` flags; choices including None accept ``none``. ``defaults`` overrides the
-    dataclass defaults (a program with other defaults, such as the demo).
+    Booleans become ``--name`` / ``--no-name`` flags; ``Optional`` fields and choices including None accept ``none``.
+    ``defaults`` overrides the dataclass defaults (a program with other defaults, such as the demo).
     """
     hints = typing.get_type_hints(config_cls)
     defaults = defaults or {}
@@ -83,12 +87,14 @@ def add_options(parser: argparse.ArgumentParser, config_cls: type, only: Optiona
         default = defaults.get(f.name, f.default)
         kind = _base_type(hints[f.name])
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action='store_true', default=default, help=meta['help'])
+            # --name / --no-name: a recipe or program may default a flag to on, and the user can still turn it off
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=meta['help'])
             continue
         parse = meta['parse'] or kind
         choices = meta['choices']
-        if choices is not None and None in choices:
-            parse = _none_or(parse)
+        if (choices is not None and None in choices) or _is_optional(hints[f.name]):
+            parse = _none_or(parse)  # 'none' unsets a default (a recipe's weights source, head_lr ...)
         parser.add_argument(flag, dest=f.name, type=parse, default=default, choices=choices, help=meta['help'],
                             metavar='{' + ','.join('none' if c is None else str(c) for c in choices) + '}'
                             if choices else None)

@@ -23,6 +23,7 @@ def test_train_eval_index_search(shapes_folder, tmp_path, capsys, caplog):
     assert 'learning rate: 2 epochs x 3 updates = 6 updates; lr 0.001, head_lr 0.005; x0.1 after update 4 ' \
            '(epoch 1.33), update 5 (epoch 1.67) (--sched step)' in caplog.text
     assert json.loads((run / 'train_config.json').read_text())['head_lr'] == 5e-3
+    assert 'recipe' not in json.loads((run / 'best' / 'config.json').read_text())  # recorded only when given
     first_epoch = json.loads((run / 'metrics.jsonl').read_text().splitlines()[0])
     assert (first_epoch['lr'], first_epoch['head_lr']) == (1e-3, 5e-3)
     assert 'best checkpoint' in out and 'recall@1' in out
