@@ -111,6 +111,8 @@ def report(data: Dict[str, Any], commands: str, reference: Optional[List[Dict[st
              f'{min(r["images_per_s"] for r in rows):.2f}-{max(r["images_per_s"] for r in rows):.2f} images/s '
              f'(DataLoader included); {held_out}.']
     lines = [line for line in lines if line is not None]
+    # the script may name a recipe (--recipe cpu) rather than spell its settings out: the run's own record says
+    lines.append('- Settings (`train_config.json`): ' + ', '.join(f'{k}={v}' for k, v in config.items()) + '.')
     if data['timing']:
         lines.append('- Wall time: ' + ', '.join(f'{k} {v / 60:.1f} min' for k, v in data['timing'].items()) + '.')
     lines += ['', '| epoch | lr | loss | held-out R@1 | held-out MAP@R | s |', '|---|---|---|---|---|---|']
