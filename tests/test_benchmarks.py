@@ -11,6 +11,9 @@ from typing import Optional
 import pytest
 import torch
 
+from cgd_heads.cli.train import parse_args, train_config
+from cgd_heads.training.config import TrainConfig
+from cgd_heads.training.recipes import recipe_settings
 from conftest import REPO, SHARED_DATA
 
 # the benchmark scripts end to end on tiny settings and real data
@@ -261,35 +264,51 @@ def recording_stand_ins(tmp_path: Path) -> dict:
 
 def test_cars196_recipe_retrains_on_all_training_classes(tmp_path):
     env = recording_stand_ins(tmp_path)
+    env.pop('BF16', None)
     (tmp_path / 'run').mkdir()  # the stand-in cgd-train writes no run folder; recipe.sh writes timing.json there
     proc = subprocess.run(['bash', str(BENCH / 'cars196_recipe.sh'), str(tmp_path / 'run'), '--seed', '1'],
                           capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     args = (tmp_path / 'cgd-train.args').read_text().split('\n')[:-1]
-    # cgd-train's parser keeps the last value: the recipe's 0.2 is replaced by 0, and the user's options still come last
-    assert [args[i + 1] for i, a in enumerate(args) if a == '--val-classes'] == ['0.2', '0']
+    # the recipe holds out a fifth of the classes; the retraining overrides that with 0, the user's options come last
+    assert recipe_config_of(args).val_classes == 0 and recipe_settings('cpu')['val_classes'] == 0.2
     assert args[-2:] == ['--seed', '1'] and args[args.index('--train-classes') + 1] == '98'
     assert (tmp_path / 'cgd-eval.args').read_text().split('\n')[:2] == ['--checkpoint', f'{tmp_path}/run/best']
 
 
-@pytest.mark.parametrize('bf16, epochs, precision', [('0', '6', ['--amp', 'none']),
-                                                     ('1', '16', ['--channels-last', '--amp', 'bf16'])])
-def test_recipe_precision_and_epochs(tmp_path, bf16, epochs, precision):
+def recipe_config_of(args: list) -> TrainConfig:
+    """The TrainConfig cgd-train would build from the command line recipe.sh gave the stand-in."""
+    return train_config(parse_args(args))
+
+
+@pytest.mark.parametrize('bf16, epochs, amp, channels_last', [('0', 6, 'none', False), ('1', 16, 'bf16', True),
+                                                              ('auto', None, None, None)])
+def test_recipe_precision_and_epochs(tmp_path, bf16, epochs, amp, channels_last):
     # stand-ins for cgd-train / cgd-eval that record their command lines: what the recipe asks for, without training
+    if bf16 == 'auto':  # the library decides from the CPU's flags, read here independently
+        epochs, amp, channels_last = (16, 'bf16', True) if cpu_has_bf16() else (6, 'none', False)
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
     env = dict(recording_stand_ins(tmp_path), BF16=bf16)
     env.pop('EPOCHS', None)
-    proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'cars196', str(run_dir), '--amp', 'fp16'],
+    env.pop('IMG_SIZE', None)
+    proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'cars196', str(run_dir), '--lr', '3e-4'],
                           capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
     args = (tmp_path / 'cgd-train.args').read_text().split('\n')[:-1]
-    assert args[args.index('--epochs') + 1] == epochs
-    ours = args[:args.index('--out')]
-    assert [a for a in ours if a in ('--channels-last', '--amp', 'none', 'bf16')] == precision
+    config = recipe_config_of(args)
+    assert (config.epochs, config.amp, config.channels_last, config.img_size) == (epochs, amp, channels_last, 224)
+    assert (config.model_name, config.temperature, config.freeze_bn) == ('tf_efficientnet_lite0', 1.0, True)
     # the user's options come last, so cgd-train's parser (the last value wins) takes theirs
-    assert args[-2:] == ['--amp', 'fp16'] and args[args.index('--out') + 1] == str(run_dir)
+    assert args[-2:] == ['--lr', '3e-4'] and config.lr == 3e-4 and args[args.index('--out') + 1] == str(run_dir)
     assert (tmp_path / 'cgd-eval.args').read_text().split('\n')[:2] == ['--checkpoint', f'{run_dir}/best']
+    # EPOCHS and IMG_SIZE from the environment replace the recipe's
+    env.update(EPOCHS='3', IMG_SIZE='160')
+    proc = subprocess.run(['bash', str(BENCH / 'recipe.sh'), 'cars196', str(run_dir)], capture_output=True,
+                          text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    config = recipe_config_of((tmp_path / 'cgd-train.args').read_text().split('\n')[:-1])
+    assert (config.epochs, config.img_size, config.amp) == (3, 160, amp)
 
 
 @needs_omniglot
@@ -347,6 +366,8 @@ def test_report_run_names_the_selected_epoch_or_the_last_without_held_out_classe
             '--output', str(out))
         text = out.read_text()
         assert expected in text and '- Run as `bash recipe.sh x y`' in text
+        # the settings the run used, from its train_config.json (the script may only name a recipe)
+        assert '- Settings (`train_config.json`): model_name=m, descriptors=SG, img_size=224.' in text
         assert 'GeM`): +30.00 R@1, +15.00 MAP@R' in text  # 80 - 50 and 25 - 10
         assert out.with_suffix('.png').stat().st_size > 0
         if not any(val_recall):  # no held-out metrics: dashes, not nan
