@@ -16,7 +16,7 @@
 #   compared on the held-out classes; --no-channels-last); the run folder is set here, not by --out
 #   data: $CGD_HEADS_DATA/<dataset>, default ../shared/data
 #   BF16=auto (default: --recipe cpu, which reads the x86 flags), 1 (cpu-bf16) or 0 (cpu-fp32); EPOCHS (default
-#   the recipe's: 16 with bf16, 6 without), IMG_SIZE (default 224).
+#   the recipe's: 16 with bf16, 6 without), IMG_SIZE (default the recipe's, 224).
 # Then retrain on all training classes for the chosen epoch count: EPOCHS=N bash benchmarks/recipe.sh DATASET RUN2
 # --val-classes 0 (best/ is then the last epoch's weights; on CARS196: benchmarks/cars196_recipe.sh,
 # results/cars196_recipe_all98.md).
@@ -44,7 +44,8 @@ case "${BF16:-auto}" in
   0) RECIPE=cpu-fp32 ;;
   *) echo "recipe.sh: BF16 must be auto, 1 or 0, not '$BF16'" >&2; exit 2 ;;
 esac
-SIZES=(--img-size "${IMG_SIZE:-224}")
+SIZES=()
+if [[ -n ${IMG_SIZE:-} ]]; then SIZES+=(--img-size "$IMG_SIZE"); fi
 if [[ -n ${EPOCHS:-} ]]; then SIZES+=(--epochs "$EPOCHS"); fi
 start=$(date +%s)
 cgd-train "${READER[@]}" --recipe "$RECIPE" "${SIZES[@]}" --no-test --quiet --out "$RUN" "${@:3}"

@@ -32,8 +32,9 @@ class _RecipeParser(argparse.ArgumentParser):
     the options given (in any order) override the recipe, and ``--help`` shows its values."""
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        self.set_defaults(**self.base_defaults)
-        name = _peek_recipe(sys.argv[1:] if args is None else list(args))
+        args = sys.argv[1:] if args is None else list(args)  # read once: args may be an iterator
+        self.set_defaults(**getattr(self, 'base_defaults', {}))
+        name = _peek_recipe(args)
         if name in RECIPES:  # anything else: the full parse below reports it, with the usage
             self.set_defaults(**recipe_settings(name))
         return super().parse_known_args(args, namespace)

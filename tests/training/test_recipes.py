@@ -74,10 +74,12 @@ def test_bad_recipe_names_and_fields_fail_clearly(capsys):
         assert message in err and err.startswith('usage: cgd-train') and '--data DATA' in err  # the full usage
 
 
-def test_the_parser_applies_the_recipe_of_each_command_line(capsys):
+def test_the_parser_applies_the_recipe_of_each_command_line(capsys, monkeypatch):
+    monkeypatch.setenv('COLUMNS', '200')  # argparse wraps --help at the terminal width
     parser = build_parser()  # one parser, reused: no recipe's defaults leak into the next parse
     assert parser.parse_args(REQUIRED + ['--recipe=cpu-fp32']).epochs == 6
-    assert parser.parse_args(REQUIRED).epochs == 20
+    assert train_config(parser.parse_args(REQUIRED + ['--quiet'])) == TrainConfig(progress=False)
+    assert parser.parse_args(iter(REQUIRED + ['--recipe', 'cpu-fp32'])).epochs == 6  # any iterable, as argparse
     assert parser.parse_args(REQUIRED + ['--rec', 'cpu-bf16']).amp == 'bf16'  # argparse's abbreviations
     with pytest.raises(SystemExit):
         parser.parse_args(['--recipe', 'cpu-fp32', '--help'])
@@ -89,7 +91,9 @@ def test_the_parser_applies_the_recipe_of_each_command_line(capsys):
 def test_optional_settings_take_none():
     config = _config(['--recipe', 'cpu-fp32', '--head-lr', 'none', '--iters-per-epoch', 'none'])
     assert config.head_lr is None and config.iters_per_epoch is None
-    assert _config(['--clip-grad', '1.5']).clip_grad == 1.5
+    config = _config(['--checkpoint-path', 'none', '--resize-size', 'none', '--clip-grad', '1.5'])
+    assert (config.checkpoint_path, config.resize_size, config.clip_grad) == (None, None, 1.5)
+    assert _config(['--checkpoint-path', './none']).checkpoint_path == './none'
 
 
 def test_another_backbone_needs_its_own_weights_source():
