@@ -412,3 +412,26 @@ def test_report_run_shows_the_reference_cgd_train_measured_before_training(tmp_p
     run('report_run.py', '--run', str(run_dir), '--commands', str(BENCH / 'recipe.sh'), '--output', str(out))
     text = out.read_text()
     assert '| selected epoch (3) | 80.00 | 60.00 |' in text and 'selected epoch 3' in text
+
+
+def test_schedule_effect_compares_per_update_with_the_per_epoch_cosine_of_0_1_0():
+    # the diagnostic's 'per epoch' arm: lr constant within an epoch, 0.5 (1 + cos(pi e / E)) x lr from epoch e on
+    import math
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location('schedule_effect', BENCH / 'schedule_effect.py')
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    config = TrainConfig(epochs=5, lr=1e-3, sched='cosine')
+    scheduler = module.per_epoch_cosine(optimizer, config, iters_per_epoch=42)
+    seen = []
+    for epoch in range(5):
+        for update in range(42):
+            scheduler.step_update(epoch * 42 + update)  # what the trainer calls: no effect on an epoch schedule
+            seen.append(optimizer.param_groups[0]['lr'])
+        scheduler.step(epoch + 1)
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5) for _ in range(42)]
+    assert seen == pytest.approx(expected)
