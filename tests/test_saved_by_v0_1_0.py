@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -37,13 +38,21 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     expected_rows = json.loads((FIXTURES / 'uninterrupted.json').read_text())
     assert [row['epoch'] for row in resumed.history] == [1, 2]
     # epoch 1 was computed by 0.1.0, epoch 2 by this version from 0.1.0's optimizer and schedule state
+    # The learning rates must match exactly (the schedule); losses and weights to float32 rounding, because the
+    # fixture was computed on another CPU, whose kernels may round differently (bit-exact on the machine that made it)
     for row, expected in zip(resumed.history, expected_rows):
-        assert {k: row[k] for k in expected} == expected
+        assert {k: row[k] for k in expected if k.startswith('lr') or k == 'epoch'} == \
+            {k: v for k, v in expected.items() if k.startswith('lr') or k == 'epoch'}
+        assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-5)
     expected_weights = load_file(str(FIXTURES / 'uninterrupted.safetensors'))
     state = resumed.model.state_dict()
     assert sorted(state) == sorted(expected_weights)
+    # Adam moves a weight by about lr per update whatever the gradient's size, so where a gradient is near zero (the
+    # BatchNorm biases, initialised at 0) another CPU's rounding can flip its sign and move that weight the other way:
+    # at most 2 updates x lr 5e-5 = 1e-4 in epoch 2 (6.9e-5 measured on a Xeon the fixture was not made on). A
+    # restart from scratch or a wrong state would differ by far more; the schedule is checked exactly above.
     for name, value in expected_weights.items():
-        torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_saved_index_loads_and_searches():
