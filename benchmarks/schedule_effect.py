@@ -10,6 +10,7 @@ Writes benchmarks/results/schedule_effect.md (or --output).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import time
@@ -37,9 +38,7 @@ def run_row(overrides: Dict[str, object], seeds: List[int], per_epoch: bool) -> 
     base = TrainConfig(model_name=model_name, pretrained_from=weights, descriptors='SG', embed_dim=1536,
                        batch_size=64, m_per_class=4, sched='cosine', val_classes=0, num_workers=0, progress=False,
                        eval_every=10 ** 6, **ablations.FINETUNE_BUDGET['omniglot'])
-    patch = mock.patch.object(trainer, 'make_scheduler', per_epoch_cosine) if per_epoch else mock.patch.object(
-        trainer, 'make_scheduler', trainer.make_scheduler)
-    with patch:
+    with mock.patch.object(trainer, 'make_scheduler', per_epoch_cosine) if per_epoch else contextlib.nullcontext():
         return [ablations.run_finetune_row(overrides, base, splits, seed) for seed in seeds]
 
 
