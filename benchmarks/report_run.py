@@ -3,14 +3,19 @@ off-the-shelf reference, and the commands. A thin reader of the run folder; it m
 
     python benchmarks/report_run.py --run runs/cars196_recipe --commands benchmarks/recipe.sh \\
         --reference benchmarks/results/cars196_off_the_shelf.json --output benchmarks/results/cars196_recipe.md
+
+Another seed of a command already reported: ``--seed-results 0=FIRST.md 1=SECOND.md`` adds a table of every seed
+(read from those results files, since run folders are not kept) with their mean +- std.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 METRICS = ('recall@1', 'recall@2', 'recall@4', 'recall@8', 'map@r')
 
@@ -147,6 +152,42 @@ def reference_rows(path: Path) -> List[Dict[str, Any]]:
     return [dict({k: [data[k], 0.0] for k in METRICS}, row=f'{pool}, stride {stride} (cgd-eval --off-the-shelf)')]
 
 
+def results_row(path: Path) -> Dict[str, float]:
+    """The fine-tuned test row of an earlier results file of this script (R@1 ... MAP@R as fractions): runs/ is not
+    kept, the committed results files are."""
+    for line in path.read_text().splitlines():
+        if line.startswith('| fine-tuned ('):
+            cells = [cell.strip() for cell in line.strip().strip('|').split('|')][1:]
+            if len(cells) == len(METRICS):
+                return {k: float(v) / 100 for k, v in zip(METRICS, cells)}
+    raise ValueError(f'--seed-results: {path} has no "| fine-tuned (...) | R@1 | R@2 | R@4 | R@8 | MAP@R |" row; '
+                     'give results files written by report_run.py')
+
+
+def seed_lines(test: Dict[str, float], seed: Any, others: List[Tuple[str, Path, Dict[str, float]]], out: Path,
+               reference: Optional[List[Dict[str, Any]]]) -> List[str]:
+    """The run's test metrics beside those of other seeds of the same command, and their mean +- sample std
+    (n - 1 in the denominator)."""
+    rows = [(label, f'[{path.name}]({os.path.relpath(path, out.parent)})', values) for label, path, values in others]
+    rows.append((str(seed), 'this run', {k: test[k] for k in METRICS}))
+    rows.sort(key=lambda row: (not row[0].isdigit(), int(row[0]) if row[0].isdigit() else 0, row[0]))
+    lines = [f'## Seeds of this command ({len(rows)})', '', '| seed | R@1 | R@2 | R@4 | R@8 | MAP@R |',
+             '|---|---|---|---|---|---|']
+    lines += [f'| {label} ({where}) | ' + ' | '.join(f'{100 * values[k]:.2f}' for k in METRICS) + ' |'
+              for label, where, values in rows]
+    columns = {k: [100 * values[k] for _, _, values in rows] for k in METRICS}
+    lines.append(f'| mean +- std ({len(rows)} seeds) | ' + ' | '.join(
+        f'{statistics.mean(columns[k]):.2f} +- {statistics.stdev(columns[k]):.2f}' for k in METRICS) + ' |')
+    lines += ['', 'std is the sample standard deviation over the seeds (n - 1 in the denominator).']
+    if reference:
+        top = max(reference, key=lambda r: r['recall@1'][0])
+        gains = {k: [v - 100 * top[k][0] for v in columns[k]] for k in ('recall@1', 'map@r')}
+        lines.append(f'Mean gain over the best off-the-shelf pooling (`{top["row"]}`): '
+                     f'{statistics.mean(gains["recall@1"]):+.2f} R@1 (per seed {min(gains["recall@1"]):+.2f} to '
+                     f'{max(gains["recall@1"]):+.2f}), {statistics.mean(gains["map@r"]):+.2f} MAP@R.')
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--run', required=True, help='run folder of cgd-train (metrics.jsonl, test_metrics.json)')
@@ -156,13 +197,27 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--invocation', help='the command line that ran the script (quoted above it)')
     p.add_argument('--title', default='cgd-train + cgd-eval')
     p.add_argument('--notes', help='a Markdown file appended as written (what was tried, caveats)')
+    p.add_argument('--seed-results', nargs='+', metavar='SEED=FILE', default=[],
+                   help='results files of this script for other seeds of the same command: adds a table of every '
+                        'seed and their mean +- std')
     p.add_argument('--output', required=True, help='results Markdown; the PNG is written beside it')
     args = p.parse_args(argv)
+    others = []
+    for item in args.seed_results:
+        label, sep, path = item.partition('=')
+        if not sep or not label or not Path(path).is_file():
+            p.error(f'--seed-results: expected SEED=FILE with an existing results file, got {item!r}')
+        try:
+            others.append((label, Path(path), results_row(Path(path))))
+        except ValueError as error:
+            p.error(str(error))
     out = Path(args.output)
     png = out.with_suffix('.png')
     reference = [row for path in args.reference for row in reference_rows(Path(path))] if args.reference else None
     data = read_run(Path(args.run))
     lines = [f'# {args.title}', ''] + report(data, args.commands, reference, png, args.invocation)
+    if others:
+        lines += [''] + seed_lines(data['test'], data['config'].get('seed', 0), others, out, reference)
     if args.notes:
         lines += ['', Path(args.notes).read_text().strip()]
     plot_curve(data['rows'], png, args.title, data['start'])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -412,6 +413,41 @@ def test_report_run_shows_the_reference_cgd_train_measured_before_training(tmp_p
     run('report_run.py', '--run', str(run_dir), '--commands', str(BENCH / 'recipe.sh'), '--output', str(out))
     text = out.read_text()
     assert '| selected epoch (3) | 80.00 | 60.00 |' in text and 'selected epoch 3' in text
+
+
+def test_report_run_tables_other_seeds_of_the_command_from_their_results_files(tmp_path):
+    reference = tmp_path / 'ots.json'
+    reference.write_text(json.dumps([{'row': 'GeM', **{k: [v, 0.0] for k, v in (
+        ('recall@1', 0.5), ('recall@2', 0.6), ('recall@4', 0.7), ('recall@8', 0.8), ('map@r', 0.1))}}]))
+    r1 = {0: 0.8023, 1: 0.8226, 2: 0.7911}
+    files = {}
+    for seed in (0, 2, 1):  # the run being reported is seed 1: the table is ordered by seed, not by argument
+        folder = fake_run(tmp_path / f'seed{seed}', [])
+        test = json.loads((folder / 'test_metrics.json').read_text())
+        (folder / 'test_metrics.json').write_text(json.dumps(dict(test, **{'recall@1': r1[seed]})))
+        config = json.loads((folder / 'train_config.json').read_text())
+        (folder / 'train_config.json').write_text(json.dumps(dict(config, seed=seed)))
+        files[seed] = tmp_path / 'results' / f'seed{seed}.md'
+        files[seed].parent.mkdir(exist_ok=True)
+        others = ['--seed-results', *(f'{s}={files[s]}' for s in (0, 2))] if seed == 1 else []
+        run('report_run.py', '--run', str(folder), '--commands', str(BENCH / 'recipe.sh'), '--reference',
+            str(reference), '--output', str(files[seed]), *others)
+    text = files[1].read_text()
+    table = [line for line in text.splitlines() if line.startswith('| 0 (') or line.startswith('| 1 (')
+             or line.startswith('| 2 (') or line.startswith('| mean +- std')]
+    assert [line.split(' ')[1] for line in table] == ['0', '1', '2', 'mean']
+    assert table[0].startswith('| 0 ([seed0.md](seed0.md)) | 80.23 | 85.00 |') and '| 1 (this run) | 82.26' in text
+    values = [80.23, 82.26, 79.11]
+    mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
+    assert table[3].startswith(f'| mean +- std (3 seeds) | {mean:.2f} +- {std:.2f} | 85.00 +- 0.00 |')
+    assert f'(`GeM`): {mean - 50:+.2f} R@1 (per seed {79.11 - 50:+.2f} to {82.26 - 50:+.2f}), +15.00 MAP@R' in text
+    # a file that report_run.py did not write, or a missing SEED=, is refused with the argument named
+    bad = tmp_path / 'bad.md'
+    bad.write_text('# nothing here\n')
+    for item in (f'3={bad}', str(files[0]), f'3={tmp_path / "missing.md"}'):
+        assert '--seed-results' in refused('report_run.py', '--run', str(tmp_path / 'seed1'), '--commands',
+                                           str(BENCH / 'recipe.sh'), '--output', str(tmp_path / 'x.md'),
+                                           '--seed-results', item)
 
 
 def test_schedule_effect_compares_per_update_with_the_per_epoch_cosine_of_0_1_0():
