@@ -5,7 +5,8 @@ off-the-shelf reference, and the commands. A thin reader of the run folder; it m
         --reference benchmarks/results/cars196_off_the_shelf.json --output benchmarks/results/cars196_recipe.md
 
 Another seed of a command already reported: ``--seed-results 0=FIRST.md 1=SECOND.md`` adds a table of every seed
-(read from those results files, since run folders are not kept) with their mean +- std.
+(read from those results files, since run folders are not kept; ``1=runs/FOLDER`` reads a run folder's
+test_metrics.json) with their mean +- std.
 """
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def seed_lines(test: Dict[str, float], seed: Any, others: List[Tuple[str, Path, 
                reference: Optional[List[Dict[str, Any]]]) -> List[str]:
     """The run's test metrics beside those of other seeds of the same command, and their mean +- sample std
     (n - 1 in the denominator)."""
-    rows = [(label, f'[{path.name}]({os.path.relpath(path, out.parent)})', values) for label, path, values in others]
+    rows = [(label, f'`{path}`, run folder not kept' if path.is_dir() else
+             f'[{path.name}]({os.path.relpath(path, out.parent)})', values) for label, path, values in others]
     rows.append((str(seed), 'this run', {k: test[k] for k in METRICS}))
     rows.sort(key=lambda row: (not row[0].isdigit(), int(row[0]) if row[0].isdigit() else 0, row[0]))
     lines = [f'## Seeds of this command ({len(rows)})', '', '| seed | R@1 | R@2 | R@4 | R@8 | MAP@R |',
@@ -197,18 +199,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--invocation', help='the command line that ran the script (quoted above it)')
     p.add_argument('--title', default='cgd-train + cgd-eval')
     p.add_argument('--notes', help='a Markdown file appended as written (what was tried, caveats)')
-    p.add_argument('--seed-results', nargs='+', metavar='SEED=FILE', default=[],
-                   help='results files of this script for other seeds of the same command: adds a table of every '
-                        'seed and their mean +- std')
+    p.add_argument('--seed-results', nargs='+', metavar='SEED=FILE|RUN', default=[],
+                   help='other seeds of the same command, as results files of this script or run folders: adds a '
+                        'table of every seed and their mean +- std')
     p.add_argument('--output', required=True, help='results Markdown; the PNG is written beside it')
     args = p.parse_args(argv)
     others = []
     for item in args.seed_results:
         label, sep, path = item.partition('=')
-        if not sep or not label or not Path(path).is_file():
-            p.error(f'--seed-results: expected SEED=FILE with an existing results file, got {item!r}')
+        if not sep or not label or not (Path(path).is_file() or (Path(path) / 'test_metrics.json').is_file()):
+            p.error(f'--seed-results: expected SEED=FILE (a results file) or SEED=RUN (a run folder with '
+                    f'test_metrics.json), got {item!r}')
         try:
-            others.append((label, Path(path), results_row(Path(path))))
+            values = (json.loads((Path(path) / 'test_metrics.json').read_text()) if Path(path).is_dir()
+                      else results_row(Path(path)))
+            others.append((label, Path(path), values))
         except ValueError as error:
             p.error(str(error))
     out = Path(args.output)

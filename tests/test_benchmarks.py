@@ -277,6 +277,26 @@ def test_cars196_recipe_retrains_on_all_training_classes(tmp_path):
     assert (tmp_path / 'cgd-eval.args').read_text().split('\n')[:2] == ['--checkpoint', f'{tmp_path}/run/best']
 
 
+def test_omniglot_cli_script_runs_the_documented_command_and_writes_timing(tmp_path):
+    env = recording_stand_ins(tmp_path)
+    env['CGD_HEADS_DATA'] = str(tmp_path / 'data')
+    (tmp_path / 'run').mkdir()
+    proc = subprocess.run(['bash', str(BENCH / 'omniglot_cli.sh'), str(tmp_path / 'run'), '--seed', '2'],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / 'cgd-train.args').read_text().split('\n')[:-1]
+    config = recipe_config_of(args)
+    assert (config.model_name, config.img_size, config.epochs, config.batch_size, config.m_per_class, config.lr,
+            config.num_workers, config.seed) == ('resnet18', 64, 20, 64, 4, 1e-3, 2, 2)
+    # otherwise the library's defaults, which the script's header and results/omniglot_cli.md describe
+    assert (config.descriptors, config.temperature, config.label_smoothing, config.sched, config.val_classes) == (
+        'SG', 0.5, 0.1, 'step', 0.1)
+    assert args[args.index('--data') + 1] == str(tmp_path / 'data' / 'omniglot')
+    assert (tmp_path / 'cgd-eval.args').read_text().split('\n')[:4] == [
+        '--checkpoint', f'{tmp_path}/run/best', '--data', str(tmp_path / 'data' / 'omniglot')]
+    assert set(json.loads((tmp_path / 'run' / 'timing.json').read_text())) == {'cgd-train', 'cgd-eval'}
+
+
 def recipe_config_of(args: list) -> TrainConfig:
     """The TrainConfig cgd-train would build from the command line recipe.sh gave the stand-in."""
     return train_config(parse_args(args))
@@ -441,10 +461,16 @@ def test_report_run_tables_other_seeds_of_the_command_from_their_results_files(t
     mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
     assert table[3].startswith(f'| mean +- std (3 seeds) | {mean:.2f} +- {std:.2f} | 85.00 +- 0.00 |')
     assert f'(`GeM`): {mean - 50:+.2f} R@1 (per seed {79.11 - 50:+.2f} to {82.26 - 50:+.2f}), +15.00 MAP@R' in text
+    # a run folder instead of a results file: its test_metrics.json
+    run('report_run.py', '--run', str(tmp_path / 'seed1'), '--commands', str(BENCH / 'recipe.sh'), '--output',
+        str(tmp_path / 'from_runs.md'), '--seed-results', f'0={tmp_path / "seed0"}', f'2={tmp_path / "seed2"}')
+    text = (tmp_path / 'from_runs.md').read_text()
+    assert f'| 0 (`{tmp_path / "seed0"}`, run folder not kept) | 80.23 |' in text
+    assert f'| mean +- std (3 seeds) | {mean:.2f} +- {std:.2f} |' in text
     # a file that report_run.py did not write, or a missing SEED=, is refused with the argument named
     bad = tmp_path / 'bad.md'
     bad.write_text('# nothing here\n')
-    for item in (f'3={bad}', str(files[0]), f'3={tmp_path / "missing.md"}'):
+    for item in (f'3={bad}', str(files[0]), f'3={tmp_path / "missing.md"}', f'3={tmp_path / "results"}'):
         assert '--seed-results' in refused('report_run.py', '--run', str(tmp_path / 'seed1'), '--commands',
                                            str(BENCH / 'recipe.sh'), '--output', str(tmp_path / 'x.md'),
                                            '--seed-results', item)
