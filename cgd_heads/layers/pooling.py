@@ -172,15 +172,32 @@ def _block_buffer(buffer: Optional[torch.Tensor], block: torch.Tensor, dtype: to
     return buffer
 
 
-def _check_p(p: float, learnable: bool) -> float:
+def check_p(p: float, learnable: bool, name: str = 'p') -> float:
+    """``p`` as a float if it is a valid GeM exponent: > 0 (``inf`` = MAC) when fixed; when learnable, finite and
+    inside :data:`P_LEARNABLE_RANGE` (outside it the forward's clamp would give p a zero gradient from the first step,
+    so it would never move).
+
+    Raises:
+        TypeError: ``p`` is not a number.
+        ValueError: ``p`` is out of range.
+    """
     if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f'p must be a float > 0 (or float("inf") for MAC), got {type(p).__name__} {p!r}')
+        raise TypeError(f'{name} must be a float > 0 (or float("inf") for MAC), got {type(p).__name__} {p!r}')
     p = float(p)
     if math.isnan(p) or p <= 0:
-        raise ValueError(f'p must be > 0 (1 = SPoC/average, 3 = GeM, float("inf") = MAC/max), got {p}')
+        raise ValueError(f'{name} must be > 0 (1 = SPoC/average, 3 = GeM, float("inf") = MAC/max), got {p}')
     if learnable and math.isinf(p):
-        raise ValueError('p=inf (MAC) cannot be learnable: pass a finite initial p, or learnable=False for MAC')
+        raise ValueError(f'{name}=inf (MAC) cannot be learnable: pass a finite initial p, or learnable=False for MAC')
+    low, high = P_LEARNABLE_RANGE
+    if learnable and not low <= p <= high:
+        raise ValueError(f'a learnable {name} must start in [{low:g}, {high:g}] (the range the forward pass clamps '
+                         f'it to: outside it p gets no gradient), got {p:g}')
     return p
+
+
+def _fixed_pool_type(p: float) -> str:
+    """The exact special case a fixed p computes: 'max' (MAC) for inf, 'avg' (SPoC) for 1, else 'gem'."""
+    return 'max' if math.isinf(p) else 'avg' if p == 1.0 else 'gem'
 
 
 class GeneralizedPooling(nn.Module):
@@ -230,7 +247,7 @@ class GeneralizedPooling(nn.Module):
             input_fmt: str = 'NCHW',
     ):
         super().__init__()
-        p = _check_p(p, learnable)
+        p = check_p(p, learnable)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
             raise ValueError(f'eps must be a finite float > 0, got {eps!r}')
         if input_fmt not in INPUT_FORMATS:
@@ -254,15 +271,16 @@ class GeneralizedPooling(nn.Module):
             shape = (in_features,) if per_channel else ()
             self.p = nn.Parameter(torch.full(shape, p))
         else:
-            self.pool_type = 'max' if math.isinf(p) else 'avg' if p == 1.0 else 'gem'
+            self.pool_type = _fixed_pool_type(p)
             # inf is stored as is: the buffer documents the variant, the forward never raises anything to it
             self.register_buffer('p', torch.tensor(p))
         self._p_float = p  # fixed p as a Python float: pow(x, 3.0) is ~2x faster than pow(x, tensor(3.0))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if not self.learnable:  # keep the float copy in step with a loaded buffer
-            self._p_float = float(self.p)
+        if not self.learnable:  # keep the float copy and the variant in step with a loaded buffer
+            self._p_float = check_p(float(self.p), learnable=False)
+            self.pool_type = _fixed_pool_type(self._p_float)
 
     def extra_repr(self) -> str:
         """The settings ``print(module)`` shows: variant, p, whether p is learnt, input format."""

@@ -6,13 +6,13 @@ training on cached features (:class:`~cgd_heads.training.head_training.HeadTrain
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..layers.heads import COMBINE_MODES
+from ..layers.heads import COMBINE_MODES, AuxSoftmaxHead, parse_descriptors
+from ..layers.pooling import check_p
 from ..models.stride import STRIDE_MODES
-from ..utils.checks import check_int
+from ..utils.checks import check_float, check_int
 from ..utils.runtime import AMP_MODES
 from ..utils.settings import count_or_fraction, setting
 
@@ -49,14 +49,27 @@ class HeadSettings:
     def __post_init__(self) -> None:
         for name in ('embed_dim', 'batch_size', 'm_per_class', 'epochs'):
             check_int(getattr(self, name), name)
+        check_int(self.seed, 'seed', minimum=0)
         if self.batch_size % self.m_per_class:
             raise ValueError(f'batch_size={self.batch_size} must be a multiple of m_per_class={self.m_per_class} '
                              f'(batches hold batch_size / m classes of m images)')
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f'lr must be a finite float > 0, got {self.lr!r}')
-        if self.aux_weight < 0 or self.ranking_weight < 0 or self.aux_weight == self.ranking_weight == 0:
-            raise ValueError(f'aux_weight and ranking_weight must be >= 0 and not both 0 (nothing to train), got '
-                             f'{self.aux_weight} and {self.ranking_weight}')
+        check_float(self.lr, 'lr', minimum=0, above=True)
+        check_float(self.margin, 'margin', minimum=0, above=True)
+        check_float(self.aux_weight, 'aux_weight', minimum=0)
+        check_float(self.ranking_weight, 'ranking_weight', minimum=0)
+        if self.aux_weight == self.ranking_weight == 0:
+            raise ValueError('aux_weight and ranking_weight are both 0: nothing to train (CGD uses 1 and 1)')
+        # a triplet needs a positive (m >= 2 images of the anchor's class) and a negative (another class) in the
+        # batch: without them the ranking loss is 0 on every batch and the run silently trains the classifier only
+        if self.ranking_weight > 0 and self.m_per_class < 2:
+            raise ValueError(f'm_per_class={self.m_per_class}: the ranking loss needs at least 2 images per class in '
+                             f'a batch (CGD uses 4); set ranking_weight=0 to train the classifier alone')
+        if self.ranking_weight > 0 and self.batch_size < 2 * self.m_per_class:
+            raise ValueError(f'batch_size={self.batch_size} holds one class of m_per_class={self.m_per_class}: the '
+                             f'ranking loss needs at least 2 classes per batch (batch_size >= {2 * self.m_per_class})')
+        parse_descriptors(self.descriptors)
+        check_p(self.gem_p, self.learnable_p, 'gem_p')
+        AuxSoftmaxHead.check_loss_args(self.temperature, self.label_smoothing)
 
 
 @dataclass
@@ -81,7 +94,8 @@ class TrainConfig(HeadSettings):
     #: profit from a larger head learning rate.
     head_lr: Optional[float] = setting(None, 'learning rate of the head (descriptor FCs, classifier, learnable p) '
                                              'when it should differ from the backbone\'s; default: --lr')
-    weight_decay: float = setting(0.0, 'weight decay')
+    weight_decay: float = setting(0.0, "weight decay (not of GeM's learnable p or the parameters the backbone's "
+                                       "no_weight_decay() names)")
     momentum: float = setting(0.9, 'SGD momentum')
     sched: str = setting('step', 'learning-rate schedule, stepped per update: step = x0.1 after 60%% and 80%% of '
                                  'the updates; cosine = down to 0 at the last update',
@@ -109,17 +123,22 @@ class TrainConfig(HeadSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.embed_dim % len(self.descriptors):  # CGDHead's rule, checked before a run folder is made
+            raise ValueError(f'embed_dim={self.embed_dim} must be divisible by the {len(self.descriptors)} '
+                             f'descriptors of {self.descriptors!r} (each gets embed_dim / n dimensions)')
         for name in ('img_size', 'eval_every', 'eval_batch_size'):
             check_int(getattr(self, name), name)
         for name, valid in (('optimizer', OPTIMIZERS), ('sched', SCHEDULES), ('select_metric', SELECT_METRICS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f'{name} must be one of {valid}, got {getattr(self, name)!r}')
-        if self.head_lr is not None and not (self.head_lr > 0 and math.isfinite(self.head_lr)):
-            raise ValueError(f'head_lr must be a finite float > 0 or None (= lr), got {self.head_lr!r}')
-        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
-            raise ValueError('weight_decay, warmup_epochs and num_workers must be >= 0')
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise ValueError(f'clip_grad must be > 0 or None, got {self.clip_grad!r}')
-        if self.val_classes < 0:
-            raise ValueError(f'val_classes must be >= 0 (a fraction < 1 or a class count), got {self.val_classes!r}')
+        check_float(self.head_lr, 'head_lr', minimum=0, above=True, allow_none=True)
+        check_float(self.weight_decay, 'weight_decay', minimum=0)
+        check_float(self.momentum, 'momentum', minimum=0, maximum=1, below=True)
+        check_float(self.clip_grad, 'clip_grad', minimum=0, above=True, allow_none=True)
+        check_float(self.val_classes, 'val_classes', minimum=0)  # a fraction < 1 or a class count; 0 = none
+        check_int(self.num_workers, 'num_workers', minimum=0)
+        check_int(self.warmup_epochs, 'warmup_epochs', minimum=0)
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f'warmup_epochs={self.warmup_epochs} must be less than epochs={self.epochs} (the run '
+                             f'would end before reaching lr)')
         check_int(self.iters_per_epoch, 'iters_per_epoch', allow_none=True)

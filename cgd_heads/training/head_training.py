@@ -96,12 +96,13 @@ def train_head(
 
 
 def check_batch(config: HeadSettings, labels: torch.Tensor) -> int:
-    """The number of classes in ``labels``; ValueError when m-per-class batches of ``config`` cannot be drawn."""
-    num_classes = int(labels.max()) + 1
-    if num_classes * config.m_per_class < config.batch_size or config.batch_size % config.m_per_class:
+    """The classifier's class count (largest label + 1); ValueError when m-per-class batches of ``config`` cannot be
+    drawn from the classes present in ``labels`` (ids missing from them count for the classifier, not the sampler)."""
+    present = int(torch.unique(labels).numel())
+    if present * config.m_per_class < config.batch_size or config.batch_size % config.m_per_class:
         raise ValueError(f'batch_size={config.batch_size} must be a multiple of m_per_class={config.m_per_class} and '
-                         f'at most num_classes * m_per_class = {num_classes * config.m_per_class}')
-    return num_classes
+                         f'at most (classes present) * m_per_class = {present} * {config.m_per_class}')
+    return int(labels.max()) + 1
 
 
 def epoch_batches(labels: torch.Tensor, config: HeadSettings, epoch: int, steps: int) -> List[torch.Tensor]:

@@ -34,7 +34,7 @@ from ..data import ImageDataset, ImageList, create_cgd_transform, data_config_of
 from ..losses.cgd_loss import CGDLoss
 from ..models.cgd_model import HEAD_KWARGS, CGDModel, create_model, load_pretrained
 from ..models.checkpoint import config_diff, load_config, load_training_state, load_weights, save_pretrained
-from ..utils.atomic import atomic_path, resolve_dir
+from ..utils.atomic import atomic_path, atomic_write_json, resolve_dir
 from ..utils.distributed import DistributedContext, all_reduce_mean, init_distributed
 from ..utils.runtime import amp_dtype, autocast, resolve_device, seed_everything
 from .config import TrainConfig
@@ -228,7 +228,7 @@ def _restore(run: _Run) -> None:
     state = load_training_state(run.last_dir, map_location=run.device)
     load_weights(run.model, run.last_dir, run.device)
     run.optimizer.load_state_dict(state['optimizer'])
-    if run.scheduler is not None:
+    if run.scheduler is not None and state['scheduler'] is not None:  # None: saved when 'none' ignored warm-up
         run.scheduler.load_state_dict(state['scheduler'])
     run.scaler.load_state_dict(state['scaler'])
     run.start_epoch, run.best_metric, run.history = state['epoch'] + 1, state['best_metric'], state['history']
@@ -360,6 +360,13 @@ def describe_selection(config: TrainConfig, val_list: Optional[ImageList]) -> st
             f'classes ({len(val_list)} images), validated {every}')
 
 
+def _check_val_list(val_list: ImageList) -> None:
+    """ValueError before training when the held-out images cannot measure retrieval (no class with two images)."""
+    if max(collections.Counter(val_list.labels).values(), default=0) < 2:
+        raise ValueError(f'the held-out classes ({len(val_list)} images) have no class with 2 images, so no query '
+                         f'has a correct match to find: hold out more classes (val_classes) or none (val_classes=0)')
+
+
 def train(
         config: TrainConfig,
         train_list: ImageList,
@@ -392,6 +399,10 @@ def train(
     if held_out:
         train_list, val_list = train_list.split_classes(config.val_classes, seed=config.seed)
     _check_sampler(train_list, config, held_out=held_out)
+    if val_list is not None:
+        if skip_bad_images:  # checked once here: validation and the reference read these images again and again
+            val_list = ImageDataset(val_list, skip_bad_images=True).image_list
+        _check_val_list(val_list)
     device, context = _setup_processes(config)
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -402,7 +413,7 @@ def train(
         _restore(run)
     run_config = dataclasses.asdict(config)
     if context.is_main:
-        (out_dir / 'train_config.json').write_text(json.dumps(run_config, indent=2, sort_keys=True) + '\n')
+        atomic_write_json(out_dir / 'train_config.json', run_config)
     dataset = ImageDataset(train_list, create_cgd_transform(run.data_config, True, config.img_size,
                                                             config.resize_size), skip_bad_images=skip_bad_images)
     ckpt_extra = dict(extra or {}, data=run.data_config, train=run_config, class_names=train_list.class_names)

@@ -1,7 +1,8 @@
 """Atomic file writes: a crash in the middle of a save never leaves a half-written file behind.
 
 The writer produces a temporary file in the destination folder (same file system, so the final
-``os.replace`` is atomic on POSIX and Windows), flushes it to disk, then renames it over the target.
+``os.replace`` is atomic on POSIX and Windows), flushes it to disk, then renames it over the target and flushes
+the folder's entry. The result gets the permissions a plain ``open`` would give it (``mkstemp``'s own are 0600).
 """
 from __future__ import annotations
 
@@ -16,6 +17,24 @@ from typing import Any, Iterator
 from .checks import PathLike
 
 __all__ = ['atomic_path', 'atomic_write_json', 'read_json', 'atomic_dir', 'resolve_dir']
+
+
+def _umask_mode(mode: int) -> int:
+    """``mode`` less the process umask: what ``open``/``mkdir`` would create (the umask is only readable by setting
+    it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename is durable only then); a no-op where folders cannot be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -40,7 +59,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         # fsync so the rename never exposes a file whose data is still only in the page cache
         with open(tmp_path, 'rb+') as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _umask_mode(0o666))
         os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -95,7 +116,9 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
             if previous.exists():  # leftover of a finished swap
                 shutil.rmtree(previous)
             os.replace(path, previous)
+        os.chmod(tmp, _umask_mode(0o777))
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         # path is now complete and newer than any previous copy (also one left by an interrupted swap)
         shutil.rmtree(previous, ignore_errors=True)
     except BaseException:

@@ -5,13 +5,14 @@ of the wrong type, ``ValueError`` for a value of the right type outside the vali
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ['PathLike', 'check_int', 'check_labels']
+__all__ = ['PathLike', 'check_int', 'check_float', 'check_labels']
 
 #: What every function taking a file or folder accepts.
 PathLike = Union[str, os.PathLike]
@@ -39,6 +40,39 @@ def check_int(value: Any, name: str, minimum: int = 1, allow_none: bool = False)
     if value < minimum:
         raise ValueError(f'{name} must be {valid}, got {value!r}')
     return int(value)
+
+
+def check_float(value: Any, name: str, minimum: Optional[float] = None, maximum: Optional[float] = None,
+                above: bool = False, below: bool = False, allow_none: bool = False) -> Optional[float]:
+    """Return ``value`` as a ``float`` if it is a finite real number (int or float, never a bool) in range.
+
+    Args:
+        value: The argument to check.
+        name: The argument's name, for the message.
+        minimum: Lower bound, or None for none; ``above=True`` excludes it (``> minimum``).
+        maximum: Upper bound, or None for none; ``below=True`` excludes it (``< maximum``).
+        allow_none: Accept None (returned as None), e.g. for "use the default".
+
+    Raises:
+        TypeError: ``value`` is not a number (a string such as ``'1e-3'``, a bool).
+        ValueError: ``value`` is NaN, infinite or outside the range.
+    """
+    if value is None and allow_none:
+        return None
+    bounds = []
+    if minimum is not None:
+        bounds.append(f'{">" if above else ">="} {minimum:g}')
+    if maximum is not None:
+        bounds.append(f'{"<" if below else "<="} {maximum:g}')
+    valid = 'a finite float' + (' ' + ' and '.join(bounds) if bounds else '') + (' or None' if allow_none else '')
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f'{name} must be {valid}, got {type(value).__name__} {value!r}')
+    number = float(value)
+    if not math.isfinite(number) \
+            or (minimum is not None and (number < minimum or (above and number == minimum))) \
+            or (maximum is not None and (number > maximum or (below and number == maximum))):
+        raise ValueError(f'{name} must be {valid}, got {value!r}')
+    return number
 
 
 def check_labels(labels: torch.Tensor, batch_size: int, num_classes: Optional[int] = None) -> None:

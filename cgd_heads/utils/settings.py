@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Type, TypeVar, Union
 
-__all__ = ['setting', 'with_default', 'add_options', 'config_from_args', 'count_or_fraction']
+__all__ = ['setting', 'with_default', 'add_options', 'config_from_args', 'count_or_fraction', 'positive_int']
 
 T = TypeVar('T')
 
@@ -46,9 +47,32 @@ def with_default(config_cls: type, name: str, default: Any) -> Any:
     return dataclasses.field(default=default, metadata=base.metadata)
 
 
+def positive_int(text: str) -> int:
+    """An option's text as an int >= 1 (image sizes, counts); argparse.ArgumentTypeError otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number (a positive int is needed)') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r}: a positive int is needed')
+    return value
+
+
 def count_or_fraction(text: str) -> Union[int, float]:
-    """``'20'`` -> 20 (a count), ``'0.2'`` -> 0.2 (a fraction): values >= 1 are counts."""
-    value = float(text)
+    """``'20'`` -> 20 (a count), ``'0.2'`` -> 0.2 (a fraction): values >= 1 are counts and must be whole numbers.
+
+    Raises:
+        argparse.ArgumentTypeError: ``text`` is not a number, is negative or not finite, or is a count with a
+            fractional part (``'1.5'`` would otherwise silently mean 1 class).
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number: give a fraction in [0, 1) or a class count') \
+            from None
+    if not math.isfinite(value) or value < 0 or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(f'{text!r}: give a fraction in [0, 1) (e.g. 0.2) or a whole class count '
+                                         f'(e.g. 20)')
     return int(value) if value >= 1 else value
 
 

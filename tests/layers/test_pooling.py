@@ -259,6 +259,7 @@ def test_eval_is_deterministic_and_compile_matches_eager(learnable):
     (dict(p='3'), TypeError), (dict(p=float('inf'), learnable=True), ValueError), (dict(eps=0.0), ValueError),
     (dict(input_fmt='NCL'), ValueError), (dict(per_channel=True, learnable=True), ValueError),
     (dict(per_channel=True, in_features=4), ValueError), (dict(in_features=0), ValueError),
+    (dict(p=0.5, learnable=True), ValueError), (dict(p=200.0, learnable=True), ValueError),
 ])
 def test_bad_arguments(kwargs, error):
     with pytest.raises(error, match=list(kwargs)[0]):
@@ -283,3 +284,15 @@ def test_loading_a_fixed_p_updates_the_pooling():
     target.load_state_dict(source.state_dict())
     x = torch.rand(2, 4, 3, 3)
     torch.testing.assert_close(target(x), source(x))
+
+
+@pytest.mark.parametrize('saved, expected', [(1.0, 'avg'), (float('inf'), 'max'), (5.0, 'gem')])
+def test_loading_a_fixed_p_also_switches_the_variant(saved, expected):
+    # a GeM module loaded with p = 1 must compute the plain mean (SPoC, no clamp), with p = inf the max
+    target = GeneralizedPooling(p=3.0)
+    target.load_state_dict(GeneralizedPooling(p=saved).state_dict())
+    x = torch.randn(2, 4, 3, 3)  # negative activations: only the unclamped mean equals average pooling
+    reference = {'avg': x.mean(dim=(2, 3)), 'max': x.amax(dim=(2, 3)),
+                 'gem': x.clamp(min=1e-6).pow(5.0).mean(dim=(2, 3)).pow(1 / 5.0)}[expected]
+    assert target.pool_type == expected
+    torch.testing.assert_close(target(x), reference)

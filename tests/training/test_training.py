@@ -116,10 +116,48 @@ def test_head_lr_applies_to_the_head_only_and_follows_the_schedule(optimizer):
     (dict(optimizer='lion'), 'optimizer'), (dict(sched='linear'), 'sched'), (dict(lr=0.0), 'lr'),
     (dict(head_lr=-1e-3), 'head_lr'), (dict(head_lr=float('nan')), 'head_lr'),
     (dict(epochs=0), 'epochs'), (dict(select_metric='recall@2'), 'select_metric'),
+    # no positive pair (m = 1) or no negative class (one class per batch): the ranking loss would be 0 throughout
+    (dict(m_per_class=1, batch_size=8), 'm_per_class=1: the ranking loss needs at least 2 images per class'),
+    (dict(m_per_class=4, batch_size=4), 'at least 2 classes per batch'),
+    (dict(weight_decay=float('nan')), 'weight_decay'), (dict(momentum=-5.0), 'momentum'),
+    (dict(momentum=1.0), 'momentum'), (dict(val_classes=float('nan')), 'val_classes'),
+    (dict(gem_p=0.0), 'gem_p'), (dict(gem_p=200.0, learnable_p=True), 'learnable gem_p must start in'),
+    (dict(margin=-1.0), 'margin'), (dict(temperature=0.0), 'temperature'), (dict(label_smoothing=1.0), 'smoothing'),
+    (dict(descriptors='XY'), 'unknown letters'), (dict(descriptors='SMG', embed_dim=16), 'divisible by the 3'),
+    (dict(warmup_epochs=2, epochs=2), 'warmup_epochs=2 must be less than epochs=2'),
+    (dict(clip_grad=0.0), 'clip_grad'), (dict(seed=-1), 'seed'),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize('kwargs, match', [(dict(lr='1e-3'), 'lr must be a finite float > 0, got str'),
+                                           (dict(head_lr='1e-3'), 'head_lr'), (dict(num_workers=1.5), 'num_workers')])
+def test_config_of_the_wrong_type(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_one_image_per_class_is_fine_without_the_ranking_loss():
+    assert TrainConfig(m_per_class=1, batch_size=8, ranking_weight=0.0).m_per_class == 1
+
+
+def test_weight_decay_spares_the_parameters_the_model_names():
+    # GeM's learnable p must not decay: pulled below 1 it would sit in the clamp with no gradient, stuck at SPoC
+    config = TrainConfig(model_name='test_resnet', embed_dim=16, descriptors='SG', learnable_p=True,
+                         weight_decay=1e-2, head_lr=1e-2)
+    model = train_module.build_model(config, num_classes=5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [(g['lr'], g['weight_decay'], {names[id(p)] for p in g['params']})
+              for g in make_optimizer(model, config).param_groups]
+    spared = {n for n in model.no_weight_decay()}
+    assert spared == {'head.pools.1.p'}  # the G branch (S is a fixed p = 1)
+    head = {n for n, _ in model.head.named_parameters(prefix='head')}
+    assert groups == [(1e-4, 1e-2, set(names.values()) - head), (1e-2, 1e-2, head - spared), (1e-2, 0.0, spared)]
+    # without decay the layout is one group per rate (the layout of states saved before the split)
+    plain = make_optimizer(model, TrainConfig(model_name='test_resnet', learnable_p=True, head_lr=1e-2))
+    assert [g['weight_decay'] for g in plain.param_groups] == [0.0, 0.0]
 
 
 def test_sampler_requirements_are_checked_before_training(shapes_folder, tmp_path):
@@ -133,7 +171,7 @@ def test_sampler_requirements_are_checked_before_training(shapes_folder, tmp_pat
         train(TrainConfig(**dict(TINY, batch_size=2 * num_classes, m_per_class=2, val_classes=1)), splits['all'],
               tmp_path / 'c')
     with pytest.raises(ValueError, match='fewer than m_per_class=8 images'):
-        train(TrainConfig(**dict(TINY, batch_size=8, m_per_class=8, val_classes=0)), splits['all'], tmp_path / 'b')
+        train(TrainConfig(**dict(TINY, batch_size=16, m_per_class=8, val_classes=0)), splits['all'], tmp_path / 'b')
 
 
 def _lrs_per_update(config, iters):
@@ -170,6 +208,21 @@ def test_cosine_and_warmup_per_update():
     assert make_scheduler(opt, TrainConfig(model_name='test_resnet', sched='none'), 3) is None
 
 
+@pytest.mark.parametrize('sched', ['step', 'none'])
+def test_warmup_then_the_schedule_as_described(sched):
+    # the reference: updates 1..W rise linearly from lr/100 (update u at lr/100 + (u-1)(lr - lr/100)/W), then the
+    # step drops after round(0.6 T) and round(0.8 T) counted from update 1, warm-up included ('none': constant)
+    config = TrainConfig(model_name='test_resnet', epochs=5, lr=1e-2, sched=sched, warmup_epochs=1)
+    iters, total = 4, 20
+    drops = (12, 16) if sched == 'step' else ()
+    expected = [1e-4 + (u - 1) * (1e-2 - 1e-4) / iters if u <= iters else 1e-2 * 0.1 ** sum(u > m for m in drops)
+                for u in range(1, total + 1)]
+    assert _lrs_per_update(config, iters) == pytest.approx(expected)
+    text = describe_schedule(config, iters)
+    assert 'linear warm-up from lr/100 over 4 updates' in text
+    assert ('x0.1 after update 12 (epoch 3.00), update 16 (epoch 4.00)' in text) == (sched == 'step')
+
+
 @pytest.mark.parametrize('option', [
     'channels_last', pytest.param('compile', marks=[pytest.mark.slow, pytest.mark.skipif(
         not __import__('shutil').which('cc'), reason="torch.compile on the CPU needs a C compiler ('cc')")])])
@@ -187,6 +240,27 @@ def test_speed_options_compute_the_same_run(shapes_folder, tmp_path, option):
     assert len(fast.history) == len(plain.history) == TINY['epochs']
     # and a run may be resumed with the option switched (it is not one of the settings that define the run)
     assert option in train_module._RESUMABLE_CHANGES
+
+
+def test_a_small_or_damaged_held_out_split_is_handled_before_training(shapes_folder, tmp_path):
+    from cgd_heads.data import ImageList
+    splits = load_splits('folder', shapes_folder)
+    # one held-out class of 6 images: each query ranks 5 others, so Recall@8 cannot exist; R@1/2/4 still do
+    small = train(TrainConfig(**dict(TINY, epochs=1, val_classes=1)), splits['all'], tmp_path / 'small')
+    assert {'val_recall@1', 'val_recall@4'} <= set(small.history[0]) and 'val_recall@8' not in small.history[0]
+    # an unreadable held-out image: skip_bad_images leaves it out of validation too (it was read there unchecked)
+    train_list, val_list = splits['all'].split_classes(2, seed=0)
+    bad = tmp_path / 'bad.png'
+    bad.write_bytes(b'not an image')
+    damaged = ImageList(val_list.paths + [str(bad)], val_list.labels + [val_list.labels[0]], val_list.class_names)
+    result = train(TrainConfig(**dict(TINY, epochs=1)), train_list, tmp_path / 'damaged', val_list=damaged,
+                   skip_bad_images=True)
+    assert result.history[0]['val_recall@1'] >= 0
+    # and a held-out split with no class of two images is refused before a run folder is made
+    singles = ImageList(val_list.paths[:1] + val_list.paths[-1:], [0, 1], val_list.class_names[:2])
+    with pytest.raises(ValueError, match='no class with 2 images'):
+        train(TrainConfig(**dict(TINY, epochs=1)), train_list, tmp_path / 'singles', val_list=singles)
+    assert not (tmp_path / 'singles').exists()
 
 
 def test_the_log_says_what_best_will_hold(shapes_folder, tmp_path, caplog):

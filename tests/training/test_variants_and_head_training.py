@@ -39,8 +39,11 @@ def test_classification_only_and_bad_batches():
     head = train_head(HeadTrainConfig(descriptors='G', embed_dim=8, ranking_weight=0.0, epochs=1, batch_size=16),
                       x, y)
     assert embed_features(head, x).shape == (32, 8)
-    with pytest.raises(ValueError, match='at most num_classes'):
+    with pytest.raises(ValueError, match=r'at most \(classes present\) \* m_per_class = 8 \* 4'):
         train_head(HeadTrainConfig(embed_dim=8, batch_size=64), x, y)
+    # ids with gaps (0, 2, 4, 6): the sampler sees 4 classes, not the 7 the largest id suggests
+    with pytest.raises(ValueError, match=r'= 4 \* 4'):
+        train_head(HeadTrainConfig(embed_dim=8, batch_size=20, m_per_class=4), x[:16], 2 * y[:16])
     with pytest.raises(ValueError, match='nothing to train'):
         HeadTrainConfig(ranking_weight=0.0, aux_weight=0.0)
 
