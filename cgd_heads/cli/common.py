@@ -30,7 +30,8 @@ from ..utils.settings import add_options, count_or_fraction
 __all__ = ['RUNTIME_FIELDS', 'run_cli', 'parse_ks', 'parse_floats', 'parse_rerank', 'check_qe', 'add_data_args',
            'load_data_splits', 'add_runtime_args', 'check_out_dir', 'load_checkpoint', 'load_whitening',
            'eval_transform', 'embed_split', 'evaluate_split', 'runtime_kwargs', 'print_metrics', 'add_units_args',
-           'check_units_args', 'join_processes', 'leave_processes', 'extract_list_units', 'resolve_eval_splits']
+           'check_units_args', 'join_processes', 'leave_processes', 'extract_list_units', 'resolve_eval_splits',
+           'embedding_preprocessing']
 
 #: Embeddings as :func:`evaluate_split` gets them for a split: ``(name, image_list) -> (embeddings, labels, paths)``.
 EmbedFn = Callable[[str, ImageList], Tuple[torch.Tensor, torch.Tensor, List[Optional[str]]]]
@@ -195,9 +196,10 @@ def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_co
                    skip_bad_images: bool = False, postprocess: Optional[PostProcess] = None,
                    nmi: bool = False, embed_fn: Optional[EmbedFn] = None) -> Dict[str, float]:
     """Recall@K and MAP@R of ``model`` on ``splits[split]``, query-vs-rest; query vs gallery for a data set with
-    those splits instead of a test split (In-shop). ``save_to`` also writes the split's embeddings (before any
-    post-processing); ``postprocess`` scores the post-processed ranking instead, ``nmi`` adds NMI. ``embed_fn``
-    supplies the embeddings (e.g. read from units) instead of extracting them here."""
+    those splits instead of a test split (In-shop). ``save_to`` also writes the split's embeddings (the gallery's
+    for query/gallery splits; before any post-processing; with the image size, flip and scales that made them, see
+    :func:`embedding_preprocessing`); ``postprocess`` scores the post-processed ranking instead, ``nmi`` adds NMI.
+    ``embed_fn`` supplies the embeddings (e.g. read from units) instead of extracting them here."""
 
     def embed(name: str) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]]]:
         if embed_fn is not None:
@@ -213,15 +215,29 @@ def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_co
             return evaluate_retrieval(q, ql, ks=ks, gallery_embeddings=g, gallery_labels=gl, nmi=nmi)
         return evaluate_postprocessed(q, ql, postprocess, ks=ks, gallery_embeddings=g, gallery_labels=gl, nmi=nmi)
 
+    def save(name: str, emb: torch.Tensor, labels: torch.Tensor, paths: List[Optional[str]]) -> None:
+        metadata: Dict[str, Any] = {'model': getattr(model, 'config', {}), 'class_names': splits[name].class_names}
+        if embed_fn is None:  # how the images were embedded, so cgd-search embeds its queries the same way
+            metadata['preprocessing'] = embedding_preprocessing(data_config, flip, scales)
+        save_embeddings(save_to, emb, labels, paths, metadata)
+
     names = resolve_eval_splits(splits, split)
     if names == ['query', 'gallery']:
-        (q, ql, _), (g, gl, _) = embed('query'), embed('gallery')
+        (q, ql, _), (g, gl, gallery_paths) = embed('query'), embed('gallery')
+        if save_to:  # the gallery: what an index is built from
+            save('gallery', g, gl, gallery_paths)
         return score(q, ql, g, gl)
     emb, labels, paths = embed(names[0])
     if save_to:
-        save_embeddings(save_to, emb, labels, paths,
-                        {'model': getattr(model, 'config', {}), 'class_names': splits[names[0]].class_names})
+        save(names[0], emb, labels, paths)
     return score(emb, labels)
+
+
+def embedding_preprocessing(data_config: Dict[str, Any], flip: bool = False,
+                            scales: Sequence[float] = (1.0,)) -> Dict[str, Any]:
+    """What decides an image's embedding besides the weights (image size, flip and scale views), as saved beside
+    embeddings and indexes: queries must be embedded the same way to be comparable."""
+    return {'img_size': int(data_config['img_size']), 'flip': bool(flip), 'scales': [float(s) for s in scales]}
 
 
 def add_units_args(p: argparse.ArgumentParser, what: str) -> argparse._ArgumentGroup:

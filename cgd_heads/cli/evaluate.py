@@ -19,6 +19,7 @@ from ..retrieval.postprocess import PostProcess
 from ..retrieval.units import checkpoint_fingerprint, load_units
 from ..retrieval.whitening import Whitening, model_fingerprint
 from ..utils.atomic import atomic_write_json
+from ..utils.settings import positive_int
 from .common import (EmbedFn, add_data_args, add_runtime_args, add_units_args, check_qe, check_units_args,
                      embed_split, evaluate_split, extract_list_units, join_processes, leave_processes,
                      load_checkpoint, load_data_splits, load_whitening, parse_floats, parse_ks, parse_rerank,
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--ks', type=parse_ks, default=(1, 2, 4, 8), help='K values; SOP style: 1,10,100,1000')
     p.add_argument('--flip', action='store_true', help='average with the horizontally flipped images')
     p.add_argument('--scales', type=parse_floats, default=(1.0,), help='multi-scale factors, e.g. 1,0.7071')
-    p.add_argument('--img-size', type=int, default=None, help='default: the size the model was trained at')
+    p.add_argument('--img-size', type=positive_int, default=None, help='default: the size the model was trained at')
     p.add_argument('--output', help='write the metrics as JSON here')
     p.add_argument('--save-embeddings', help='also write the embeddings of the split (.safetensors, for cgd-index); '
                                              'raw, before any post-processing')

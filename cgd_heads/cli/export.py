@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from ..models.cgd_model import load_pretrained
 from ..models.export import export_onnx
+from ..utils.settings import positive_int
 from .common import run_cli
 
 __all__ = ['main', 'build_parser']
@@ -17,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 'verified with onnxruntime.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--checkpoint', required=True, help='checkpoint folder (e.g. RUN/best)')
     p.add_argument('--out', required=True, help='.onnx file to write')
-    p.add_argument('--img-size', type=int, default=None, help='default: the size the model was trained at')
-    p.add_argument('--opset', type=int, default=18)
+    p.add_argument('--img-size', type=positive_int, default=None, help='default: the size the model was trained at')
+    p.add_argument('--opset', type=positive_int, default=18)
     p.add_argument('--no-verify', action='store_true', help='skip the onnxruntime comparison')
     return p
 

@@ -13,7 +13,7 @@ from ..retrieval.index import SearchHit
 from ..retrieval.shards import ShardedIndex
 from ..retrieval.unit_index import load_index
 from ..retrieval.visualize import save_retrieval_grid
-from .common import check_qe, eval_transform, load_checkpoint, run_cli
+from .common import check_qe, embedding_preprocessing, eval_transform, load_checkpoint, run_cli
 
 __all__ = ['main', 'build_parser']
 
@@ -58,9 +58,13 @@ def run(args: argparse.Namespace) -> None:
     model, data_config = load_checkpoint(checkpoint)
     if metadata.get('model') != model.config:  # embeddings of another model would be meaningless
         load_index(args.index, expected_metadata={'model': model.config})  # raises, naming the fields
+    # embeddings saved by cgd-eval record their image size, flip and scales: the queries get the same, or their
+    # scores would not be comparable with the gallery's
+    prep = metadata.get('preprocessing') or embedding_preprocessing(data_config)
+    data_config = dict(data_config, img_size=prep['img_size'])
     queries = ImageList([str(Path(q).resolve()) for q in args.queries], [0] * len(args.queries), ['query'])
     emb, _ = extract_embeddings(model, ImageDataset(queries, eval_transform(data_config)), device=args.device,
-                                progress=False)
+                                flip=prep['flip'], scales=prep['scales'], progress=False)
     hits = index.search_hits(emb, k=args.k) if sharded else \
         index.search_hits(emb, k=args.k, qe=args.qe, qe_alpha=args.qe_alpha)
     results = _rows(queries.paths, hits, metadata.get('class_names') or [])

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..utils.atomic import atomic_path
-from ..utils.checks import PathLike
+from ..utils.checks import PathLike, check_int
 
 __all__ = ['export_onnx', 'verify_onnx', 'ONNX_ATOL']
 
@@ -64,11 +64,13 @@ def export_onnx(
     Raises:
         ImportError: ``onnx`` or ``onnxscript`` (or, with ``verify``, ``onnxruntime``) is missing: the ``export``
             extra installs them.
-        ValueError: ``path`` does not end in ``.onnx``; the verification fails.
+        ValueError: ``path`` does not end in ``.onnx``; the verification fails (``path`` is then left as it was).
+        TypeError: ``opset`` is not an int.
     """
     path = Path(path)
     if path.suffix != '.onnx':
         raise ValueError(f'path must end in .onnx, got {path}')
+    opset = check_int(opset, 'opset')
     _require_export_packages(verify)
     size = _input_size(model, input_size)
     was_training = model.training
@@ -80,8 +82,11 @@ def export_onnx(
             onnx_program = torch.onnx.export(model, (example,), input_names=['images'], output_names=['embeddings'],
                                              dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True)
             onnx_program.save(str(tmp), external_data=False)
-        if verify:
-            verify_onnx(model, path, size)
+            if verify:  # before the swap: a file that fails the check never replaces an earlier good export
+                try:
+                    verify_onnx(model, tmp, size)
+                except ValueError as exc:
+                    raise ValueError(f'{path} not written: {exc}') from exc
     finally:
         model.train(was_training)
     return path

@@ -43,6 +43,14 @@ def test_train_eval_index_search(shapes_folder, tmp_path, capsys, caplog):
     emb, labels, paths, meta = load_embeddings(tmp_path / 'emb.safetensors')
     assert len(emb_index) == len(paths) == 12 and emb_index.labels == labels.tolist()
     assert meta['model'] == emb_index.metadata['model'] and 'checkpoint' in emb_index.metadata
+    assert meta['preprocessing'] == emb_index.metadata['preprocessing'] == {'img_size': 24, 'flip': True,
+                                                                             'scales': [1.0, 0.75]}
+    capsys.readouterr()
+    test_image = shapes_folder / 'class_07' / '0.png'
+    assert search_main([str(test_image), '--index', str(tmp_path / 'emb_index'), '--k', '1', '--json']) == 0
+    hit = json.loads(capsys.readouterr().out)[0]['results'][0]
+    # the query is embedded as the indexed images were (flip, scales 1 and 0.75): it finds itself at cosine 1
+    assert hit['path'] == str(test_image) and hit['score'] == pytest.approx(1.0, abs=1e-4)
 
     index_dir = tmp_path / 'index'
     assert index_main(['--checkpoint', str(run / 'best'), '--images', str(shapes_folder), '--out', str(index_dir),

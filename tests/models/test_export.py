@@ -49,6 +49,22 @@ def test_verify_catches_a_graph_that_ignores_its_input(tmp_path):
 def test_bad_path():
     with pytest.raises(ValueError, match='.onnx'):
         export_onnx(torch.nn.Identity(), 'model.pt')
+    with pytest.raises(TypeError, match='opset must be a positive int'):
+        export_onnx(torch.nn.Identity(), 'model.onnx', opset='18')
+
+
+@needs_ort
+def test_an_export_that_fails_verification_leaves_the_earlier_file(tmp_path):
+    class Constant(torch.nn.Module):  # a graph that ignores its input: verification must fail
+        def forward(self, x):
+            return torch.nn.functional.normalize(torch.ones(x.shape[0], 4) + 0 * x.mean(), dim=1)
+
+    path = tmp_path / 'model.onnx'
+    path.write_bytes(b'the earlier, good export')
+    with pytest.raises(ValueError, match=f'{path.name} not written: .*ignores its input'):
+        export_onnx(Constant(), path, input_size=(3, 8, 8))
+    assert path.read_bytes() == b'the earlier, good export'
+    assert [p.name for p in tmp_path.iterdir()] == ['model.onnx']  # no temporary file left behind
 
 
 @pytest.mark.parametrize('absent, verify, named', [('onnxscript', True, 'onnxscript'),
