@@ -28,16 +28,16 @@ from ..utils.runtime import amp_dtype, resolve_device
 from ..utils.settings import add_options, count_or_fraction
 
 __all__ = ['RUNTIME_FIELDS', 'run_cli', 'parse_ks', 'parse_floats', 'parse_rerank', 'check_qe', 'add_data_args',
-           'load_data_splits', 'add_runtime_args', 'check_out_dir', 'load_checkpoint', 'load_whitening',
-           'eval_transform', 'embed_split', 'evaluate_split', 'runtime_kwargs', 'print_metrics', 'add_units_args',
-           'check_units_args', 'join_processes', 'leave_processes', 'extract_list_units', 'resolve_eval_splits',
-           'embedding_preprocessing']
+           'load_data_splits', 'add_runtime_args', 'check_out_dir', 'check_out_file', 'load_checkpoint',
+           'load_whitening', 'eval_transform', 'embed_split', 'evaluate_split', 'runtime_kwargs', 'print_metrics',
+           'add_units_args', 'check_units_args', 'join_processes', 'leave_processes', 'extract_list_units',
+           'resolve_eval_splits', 'embedding_preprocessing']
 
 #: Embeddings as :func:`evaluate_split` gets them for a split: ``(name, image_list) -> (embeddings, labels, paths)``.
 EmbedFn = Callable[[str, ImageList], Tuple[torch.Tensor, torch.Tensor, List[Optional[str]]]]
 
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, BadImageError,
-                FloatingPointError, KeyError, ImportError)
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                BadImageError, FloatingPointError, KeyError, ImportError)
 #: The TrainConfig fields every command takes as runtime options (same names, help and defaults as cgd-train's).
 RUNTIME_FIELDS = ('device', 'amp', 'batch_size', 'num_workers')
 
@@ -136,6 +136,19 @@ def check_out_dir(out: Path) -> None:
         raise PermissionError(f'--out {out}: {probe} is not a writable folder')
 
 
+def check_out_file(path: Optional[str], option: str) -> None:
+    """One-line error before any work when ``option``'s file cannot be written: an existing folder, or a parent that
+    is missing or not writable (the atomic write needs the parent; creating it is left to the user)."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f'{option} {target}: a folder, not a file path')
+    parent = target.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PermissionError(f'{option} {target}: {parent} is not a writable folder')
+
+
 def load_checkpoint(directory: str, img_size: Optional[int] = None) -> Tuple[CGDModel, Dict[str, Any]]:
     """The model of a checkpoint folder and its data config (``img_size`` overrides the trained size)."""
     model, config = load_pretrained(directory, return_config=True)
@@ -170,10 +183,21 @@ def embed_split(model: torch.nn.Module, image_list: ImageList, data_config: Dict
                 num_workers: int = 0, progress: bool = False,
                 skip_bad_images: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The embeddings and labels of ``image_list`` with the evaluation transform of ``data_config``."""
-    device = resolve_device(device)
+    emb, labels, _ = _embed_with_paths(model, image_list, data_config, flip, scales, device, amp, batch_size,
+                                       num_workers, progress, skip_bad_images)
+    return emb, labels
+
+
+def _embed_with_paths(model: torch.nn.Module, image_list: ImageList, data_config: Dict[str, Any], flip: bool,
+                      scales: Sequence[float], device: str, amp: str, batch_size: int, num_workers: int,
+                      progress: bool, skip_bad_images: bool) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """:func:`embed_split` plus the paths embedded (``skip_bad_images`` may have left some of the list out)."""
+    torch_device = resolve_device(device)
     dataset = ImageDataset(image_list, eval_transform(data_config), skip_bad_images=skip_bad_images)
-    return extract_embeddings(model, dataset, batch_size=batch_size, device=device, flip=flip, scales=scales,
-                              num_workers=num_workers, amp_dtype=amp_dtype(amp, device), progress=progress)
+    emb, labels = extract_embeddings(model, dataset, batch_size=batch_size, device=torch_device, flip=flip,
+                                     scales=scales, num_workers=num_workers, amp_dtype=amp_dtype(amp, torch_device),
+                                     progress=progress)
+    return emb, labels, list(dataset.image_list.paths)
 
 
 def resolve_eval_splits(splits: Dict[str, ImageList], split: str = 'test') -> List[str]:
@@ -204,10 +228,8 @@ def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_co
     def embed(name: str) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]]]:
         if embed_fn is not None:
             return embed_fn(name, splits[name])
-        emb, labels = embed_split(model, splits[name], data_config, flip=flip, scales=scales, device=device,
-                                  amp=amp, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                                  skip_bad_images=skip_bad_images)
-        return emb, labels, splits[name].paths
+        return _embed_with_paths(model, splits[name], data_config, flip, scales, device, amp, batch_size,
+                                 num_workers, progress, skip_bad_images)
 
     def score(q: torch.Tensor, ql: torch.Tensor, g: Optional[torch.Tensor] = None,
               gl: Optional[torch.Tensor] = None) -> Dict[str, float]:

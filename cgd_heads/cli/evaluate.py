@@ -20,10 +20,10 @@ from ..retrieval.units import checkpoint_fingerprint, load_units
 from ..retrieval.whitening import Whitening, model_fingerprint
 from ..utils.atomic import atomic_write_json
 from ..utils.settings import positive_int
-from .common import (EmbedFn, add_data_args, add_runtime_args, add_units_args, check_qe, check_units_args,
-                     embed_split, evaluate_split, extract_list_units, join_processes, leave_processes,
-                     load_checkpoint, load_data_splits, load_whitening, parse_floats, parse_ks, parse_rerank,
-                     print_metrics, resolve_eval_splits, run_cli, runtime_kwargs)
+from .common import (EmbedFn, add_data_args, add_runtime_args, add_units_args, check_out_dir, check_out_file,
+                     check_qe, check_units_args, embed_split, evaluate_split, extract_list_units, join_processes,
+                     leave_processes, load_checkpoint, load_data_splits, load_whitening, parse_floats, parse_ks,
+                     parse_rerank, print_metrics, resolve_eval_splits, run_cli, runtime_kwargs)
 
 __all__ = ['main', 'build_parser']
 
@@ -128,6 +128,11 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError('--whiten-shrinkage needs --learn-whitening pca-whiten or learned (pca only rotates)')
     if args.whiten_shrinkage is not None and not 0 <= args.whiten_shrinkage <= 1:
         raise ValueError(f'--whiten-shrinkage must be in [0, 1], got {args.whiten_shrinkage}')
+    # outputs checked now, not after the embedding work they would have held
+    check_out_file(args.output, '--output')
+    check_out_file(args.save_embeddings, '--save-embeddings')
+    if args.whiten_out:
+        check_out_dir(Path(args.whiten_out))
     if args.whiten_dim is not None and args.whiten_dim < 1:
         raise ValueError(f'--whiten-dim must be a positive int, got {args.whiten_dim}')
 

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='cgd-index', description='Embed images with a checkpoint and save a faiss index.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--checkpoint', help='checkpoint folder (e.g. RUN/best); not needed with --embeddings')
-    p.add_argument('--images', help='index every image below this folder (class = first sub-folder, if any)')
+    p.add_argument('--images', help='index every image in the class sub-folders of this folder (class = sub-folder; '
+                                     'images directly in it are left out with a warning)')
     p.add_argument('--embeddings', help='index an embeddings file (cgd-eval --save-embeddings) instead of images')
     add_data_args(p, required=False)
     p.add_argument('--split', default='test', help='with --data: the split to index')

@@ -83,8 +83,8 @@ class ShardedIndex:
             row = []
             for score, shard, i in zip(row_scores, row_shards, row_ids):
                 if i >= 0:
-                    index = self.shards[shard]
-                    row.append(ShardHit(int(i), float(score), index.labels[i], index.paths[i], int(shard)))
+                    index = self.shards[shard]  # the lists themselves: .labels/.paths copy a whole shard per call
+                    row.append(ShardHit(int(i), float(score), index._labels[i], index._paths[i], int(shard)))
             hits.append(row)
         return hits
 
@@ -106,5 +106,6 @@ def index_to_gpu(index: RetrievalIndex, device: int = 0) -> RetrievalIndex:
     gpu.referenced_resources = resources  # keep the resources alive as long as the index
     copy = RetrievalIndex.__new__(RetrievalIndex)
     copy.__dict__.update(index.__dict__)
-    copy._index = gpu
+    # own lists: an add() on the copy must not grow the CPU index's labels without its vectors
+    copy._labels, copy._paths, copy._index = list(index._labels), list(index._paths), gpu
     return copy

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..data.image_io import to_rgb
 from ..utils.atomic import atomic_path
 from ..utils.checks import PathLike, check_int
 
@@ -56,11 +57,11 @@ def _to_pil(source: Any, name: str) -> Image.Image:
         try:
             with Image.open(source) as img:
                 img.load()
-                return _rgb(img)
+                return to_rgb(img)
         except (OSError, ValueError) as exc:
             raise ValueError(f'{name} could not be read as an image: {os.fspath(source)!r} ({exc})') from exc
     if isinstance(source, Image.Image):
-        return _rgb(source)
+        return to_rgb(source)
     if isinstance(source, torch.Tensor):
         if source.ndim == 3:  # CHW -> HWC, numpy's layout
             source = source.permute(1, 2, 0)
@@ -86,22 +87,7 @@ def _array_to_pil(array: np.ndarray, name: str) -> Image.Image:
         pixels = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     else:
         raise TypeError(f'{name} must be uint8 in [0, 255] or float in [0, 1], got dtype {array.dtype}')
-    return _rgb(Image.fromarray(np.ascontiguousarray(pixels)))
-
-
-def _rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
-        # composite on white: a plain convert('RGB') would turn transparent pixels black
-        rgba = img.convert('RGBA')
-        canvas = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert('RGB')
-    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
-        # 16/32-bit grayscale: convert('RGB') would saturate everything above 255, so rescale to 8 bits first
-        values = np.asarray(img, dtype=np.float64)
-        low, high = float(values.min()), float(values.max())
-        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-        return Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8)).convert('RGB')
-    return img.convert('RGB')
+    return to_rgb(Image.fromarray(np.ascontiguousarray(pixels)))
 
 
 def _letterbox(img: Image.Image, size: int, background: Tuple[int, int, int]) -> Image.Image:

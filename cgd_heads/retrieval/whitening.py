@@ -13,6 +13,7 @@ a save interrupted between the two is detected on load by the hash. No pickle is
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 import hashlib
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -250,10 +251,22 @@ def model_fingerprint(model_config: Mapping[str, Any]) -> str:
     if not isinstance(model_config, Mapping):
         raise TypeError(f'model_config must be a dict, got {type(model_config).__name__}')
     try:
-        text = json.dumps(dict(model_config), sort_keys=True, separators=(',', ':'), allow_nan=False)
+        text = json.dumps(_finite(dict(model_config)), sort_keys=True, separators=(',', ':'), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f'model_config must be JSON-serialisable: {exc}') from exc
     return 'sha256:' + hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with non-finite floats spelt as strings ('inf': MAC's p), so a config holding them can be hashed;
+    finite values are untouched, so fingerprints of configs without them stay as they were."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _check_fingerprint(value: Any, name: str) -> Optional[str]:

@@ -237,3 +237,25 @@ def test_post_processing_options_fail_in_one_line(main, extra, message, trained,
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ': error: ' in err[0] and message in err[0], err
+
+
+def test_eval_saves_the_embeddings_of_the_readable_images_and_checks_outputs_first(trained, tmp_path, capsys):
+    import shutil
+    from cgd_heads.retrieval.extract import load_embeddings
+    data, checkpoint = trained
+    copy = tmp_path / 'data'
+    shutil.copytree(data, copy)
+    (copy / 'class_07' / 'broken.png').write_bytes(b'not an image')
+    common = ['--checkpoint', str(checkpoint), '--data', str(copy), '--train-classes', '6', '--ks', '1',
+              '--num-workers', '0', '--quiet']
+    assert eval_main([*common, '--skip-bad-images', '--save-embeddings', str(tmp_path / 'emb.safetensors')]) == 0
+    emb, labels, paths, _ = load_embeddings(tmp_path / 'emb.safetensors')
+    # the 12 test images that decode, each row with its own path (the broken one left out of all three)
+    assert len(emb) == len(labels) == len(paths) == 12 and not any(p.endswith('broken.png') for p in paths)
+    capsys.readouterr()
+    # an output that cannot be written is refused in one line before anything is embedded
+    (tmp_path / 'a_folder').mkdir()
+    for option, value in (('--output', tmp_path / 'a_folder'), ('--save-embeddings', tmp_path / 'no' / 'e.st')):
+        assert eval_main([*common, option, str(value)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith('cgd-eval: error:') and option in err and len(err.splitlines()) == 1

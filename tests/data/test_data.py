@@ -822,3 +822,22 @@ def test_real_caltech101():
     # same people in both folders: they must be on the same side of the split
     assert {'Faces', 'Faces_easy'} <= set(train.class_names)
     assert load_splits('auto', DATA_ROOT / 'caltech101' / '101_ObjectCategories')['test'].paths == test.paths
+
+
+def test_sixteen_bit_and_transparent_images_are_decoded_as_the_grid_shows_them(tmp_path):
+    from cgd_heads.data.image_io import load_rgb_image
+    from cgd_heads.retrieval.visualize import _to_pil
+    # a 16-bit ramp 0..60000: convert('RGB') clipped every value above 255 to white; min-max rescaling keeps the ramp
+    ramp = np.tile(np.linspace(0, 60000, 64).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / 'ramp.png')
+    row = np.asarray(load_rgb_image(str(tmp_path / 'ramp.png')))[0, :, 0].astype(int)
+    expected = np.floor(ramp[0] / 60000 * 255 + 0.5).astype(int)
+    assert np.abs(row - expected).max() <= 1
+    # a fully transparent red image is white (composited on white), not the red (or black) under the alpha
+    Image.new('RGBA', (8, 8), (255, 0, 0, 0)).save(tmp_path / 'clear.png')
+    Image.new('LA', (8, 8), (0, 128)).save(tmp_path / 'half.png')  # black at half opacity on white: 127 or 128
+    assert load_rgb_image(str(tmp_path / 'clear.png')).getpixel((0, 0)) == (255, 255, 255)
+    assert all(abs(v - 127.5) <= 1 for v in load_rgb_image(str(tmp_path / 'half.png')).getpixel((0, 0)))
+    for name in ('ramp.png', 'clear.png', 'half.png'):  # the model's pixels are the grid's
+        assert np.array_equal(np.asarray(load_rgb_image(str(tmp_path / name))),
+                              np.asarray(_to_pil(str(tmp_path / name), 'image')))

@@ -254,3 +254,15 @@ def test_index_query_expansion_uses_the_vectors_the_index_holds(index_type, kwar
         np.testing.assert_array_equal(ids, index.search(query_expansion(queries, x, 3, 3.0), k=5)[1])
     with pytest.raises(ValueError, match='qe must be an int >= 0'):
         index.search(queries, qe=-1)
+
+
+def test_model_fingerprint_hashes_mac_configs_and_keeps_finite_ones():
+    import hashlib
+    import json
+    finite = {'model_name': 'test_resnet', 'descriptors': 'SG', 'gem_p': 3.0, 'embed_dim': 16}
+    # the reference: sha256 of the sorted compact JSON, as before non-finite values were handled
+    text = json.dumps(finite, sort_keys=True, separators=(',', ':'))
+    assert model_fingerprint(finite) == 'sha256:' + hashlib.sha256(text.encode()).hexdigest()
+    mac = dict(finite, gem_p=float('inf'))  # --gem-p inf (MAC) in an off-the-shelf config
+    assert model_fingerprint(mac).startswith('sha256:') and model_fingerprint(mac) != model_fingerprint(finite)
+    assert model_fingerprint(mac) == model_fingerprint(dict(mac))
