@@ -92,6 +92,20 @@ def _check_units_options(args: argparse.Namespace) -> None:
             raise ValueError(f'--{option.replace("_", "-")} must be a positive int, got {value}')
     if args.units and args.embeddings:
         raise ValueError('pass one of --embeddings FILE and --units DIR')
+    if args.train_size is not None and args.index_type != 'ivf':
+        raise ValueError(f'--train-size trains inverted lists: it needs --index-type ivf, got {args.index_type}')
+    _check_data_options(args)
+
+
+def _check_data_options(args: argparse.Namespace) -> None:
+    """Options that only act on the images read are refused where no images are read, not silently ignored."""
+    given = [flag for flag, set_ in (('--dataset', args.dataset != 'auto'), ('--train-classes', args.train_classes),
+                                     ('--crop', args.crop), ('--split', args.split != 'test')) if set_]
+    if given and args.data is None:
+        raise ValueError(f'{", ".join(given)}: only with --data ROOT (they choose which images are indexed)')
+    reads_images = args.images is not None or args.data is not None
+    if args.skip_bad_images and not reads_images:
+        raise ValueError('--skip-bad-images: only with --images or --data (no images are read here)')
 
 
 def _gallery(args: argparse.Namespace) -> ImageList:

@@ -213,6 +213,9 @@ def test_eval_whiten_shrinkage_is_the_power_of_the_fitted_whitening(trained, tmp
     (eval_main, ['--whiten', 'OTHER'], 'was learned for another model'),
     (eval_main, ['--whiten', 'MISSING'], '--whiten MISSING is not a folder'),
     (index_main, ['--whiten', 'OTHER'], 'was learned for another model'),
+    # options that would be silently ignored: --images reads a folder, not a data set split
+    (index_main, ['--split', 'train', '--crop'], '--crop, --split: only with --data ROOT'),
+    (index_main, ['--units', 'MISSING', '--train-size', '100'], '--train-size trains inverted lists'),
     (search_main, ['--qe', '-3'], '--qe must be an int >= 0'),
 ])
 def test_post_processing_options_fail_in_one_line(main, extra, message, trained, tmp_path, capsys):
