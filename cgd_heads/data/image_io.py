@@ -1,4 +1,5 @@
-"""Reading one image file: decode with PIL, convert to RGB (:func:`to_rgb`), crop to a box; errors name the file.
+"""Reading one image file: decode with PIL, convert to RGB (:func:`~cgd_heads.utils.images.to_rgb`), crop to a
+box; errors name the file.
 
 PIL's own exceptions ("cannot identify image file <_io.BufferedReader ...>", "image file is truncated") often do
 not say which of thousands of files failed, especially inside a DataLoader worker. Every failure here is
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
 from PIL import Image
 
-__all__ = ['BadImageError', 'load_rgb_image', 'verify_image', 'to_rgb']
+from ..utils.images import to_rgb
+
+__all__ = ['BadImageError', 'load_rgb_image', 'verify_image']
 
 # What PIL raises for undecodable data: OSError (truncated, UnidentifiedImageError), SyntaxError (some corrupt
 # headers), ValueError/EOFError (broken chunks) and DecompressionBombError (absurd sizes).
@@ -21,26 +23,6 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompressio
 
 class BadImageError(OSError):
     """An image file exists but cannot be decoded (not an image, truncated, corrupt). The message names it."""
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` as 8-bit RGB, the pixels a model is fed and a retrieval grid shows.
-
-    Grayscale and palette images are expanded. Transparent images (RGBA, LA, PA, palette with transparency) are
-    composited on white: a plain ``convert('RGB')`` would show whatever colour lies under the transparent pixels,
-    usually black. 16/32-bit grayscale and float images (``I;16``, ``I``, ``F``) are rescaled from their own min-max
-    to 0-255: ``convert('RGB')`` would clip every value above 255 to white.
-    """
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
-        rgba = img.convert('RGBA')
-        canvas = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert('RGB')
-    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
-        values = np.asarray(img, dtype=np.float64)
-        low, high = float(values.min()), float(values.max())
-        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-        return Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8)).convert('RGB')
-    return img.convert('RGB')
 
 
 def _open_loaded(path: str) -> Image.Image:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..data.image_io import to_rgb
 from ..utils.atomic import atomic_path
 from ..utils.checks import PathLike, check_int
+from ..utils.images import to_rgb
 
 __all__ = ['save_retrieval_grid', 'grid_cell_box', 'QUERY_COLOR', 'CORRECT_COLOR', 'WRONG_COLOR', 'UNKNOWN_COLOR']
 
