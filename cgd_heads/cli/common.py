@@ -218,12 +218,14 @@ def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_co
                    scales: Sequence[float] = (1.0,), save_to: Optional[str] = None, device: str = 'auto',
                    amp: str = 'auto', batch_size: int = 128, num_workers: int = 0, progress: bool = False,
                    skip_bad_images: bool = False, postprocess: Optional[PostProcess] = None,
-                   nmi: bool = False, embed_fn: Optional[EmbedFn] = None) -> Dict[str, float]:
+                   nmi: bool = False, embed_fn: Optional[EmbedFn] = None,
+                   save_metadata: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
     """Recall@K and MAP@R of ``model`` on ``splits[split]``, query-vs-rest; query vs gallery for a data set with
     those splits instead of a test split (In-shop). ``save_to`` also writes the split's embeddings (the gallery's
     for query/gallery splits; before any post-processing; with the image size, flip and scales that made them, see
     :func:`embedding_preprocessing`); ``postprocess`` scores the post-processed ranking instead, ``nmi`` adds NMI.
-    ``embed_fn`` supplies the embeddings (e.g. read from units) instead of extracting them here."""
+    ``embed_fn`` supplies the embeddings (e.g. read from units) instead of extracting them here; ``save_metadata``
+    adds entries to the saved file's metadata (cgd-eval: the checkpoint's fingerprint)."""
 
     def embed(name: str) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]]]:
         if embed_fn is not None:
@@ -238,7 +240,8 @@ def evaluate_split(model: torch.nn.Module, splits: Dict[str, ImageList], data_co
         return evaluate_postprocessed(q, ql, postprocess, ks=ks, gallery_embeddings=g, gallery_labels=gl, nmi=nmi)
 
     def save(name: str, emb: torch.Tensor, labels: torch.Tensor, paths: List[Optional[str]]) -> None:
-        metadata: Dict[str, Any] = {'model': getattr(model, 'config', {}), 'class_names': splits[name].class_names}
+        metadata: Dict[str, Any] = {'model': getattr(model, 'config', {}), 'class_names': splits[name].class_names,
+                                    **(save_metadata or {})}
         if embed_fn is None:  # how the images were embedded, so cgd-search embeds its queries the same way
             metadata['preprocessing'] = embedding_preprocessing(data_config, flip, scales)
         save_embeddings(save_to, emb, labels, paths, metadata)

@@ -126,6 +126,12 @@ def _index_embeddings_file(args: argparse.Namespace) -> None:
     if args.images or args.data:
         raise ValueError('pass one of --embeddings, --images or --data')
     emb, labels, paths, meta = load_embeddings(args.embeddings)
+    if args.checkpoint:  # cgd-search will embed queries with it: it must be the checkpoint that made the file
+        recorded, given = meta.get('checkpoint_fingerprint'), checkpoint_fingerprint(args.checkpoint)
+        if recorded is not None and recorded != given:
+            raise ValueError(f'--checkpoint {args.checkpoint} is not the checkpoint that made --embeddings '
+                             f'{args.embeddings} (its weights or config differ): queries embedded with it would not '
+                             f'be comparable; pass the checkpoint given to cgd-eval')
     metadata = dict(meta, checkpoint=str(Path(args.checkpoint).resolve())) if args.checkpoint else meta
     whitening = None
     if args.whiten:

@@ -262,3 +262,21 @@ def test_eval_saves_the_embeddings_of_the_readable_images_and_checks_outputs_fir
         assert eval_main([*common, option, str(value)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith('cgd-eval: error:') and option in err and len(err.splitlines()) == 1
+
+
+def test_index_refuses_a_checkpoint_other_than_the_one_that_made_the_embeddings(trained, tmp_path, capsys):
+    import shutil
+    data, checkpoint = trained
+    assert eval_main(['--checkpoint', str(checkpoint), '--data', str(data), '--train-classes', '6', '--ks', '1',
+                      '--num-workers', '0', '--quiet', '--save-embeddings', str(tmp_path / 'emb.safetensors')]) == 0
+    other = tmp_path / 'other'  # the same architecture, other bytes (as another run of the same config would be)
+    shutil.copytree(checkpoint, other)
+    config = json.loads((other / 'config.json').read_text())
+    (other / 'config.json').write_text(json.dumps(dict(config, note='another run')))
+    common = ['--embeddings', str(tmp_path / 'emb.safetensors'), '--out']
+    assert index_main([*common, str(tmp_path / 'ok'), '--checkpoint', str(checkpoint)]) == 0
+    capsys.readouterr()
+    assert index_main([*common, str(tmp_path / 'bad'), '--checkpoint', str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'is not the checkpoint that made --embeddings' in err and len(err.splitlines()) == 1
+    assert not (tmp_path / 'bad').exists()
