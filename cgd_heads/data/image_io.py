@@ -42,6 +42,9 @@ def _open_loaded(path: str) -> Image.Image:
 def load_rgb_image(path: str, box: Optional[Sequence[int]] = None) -> Image.Image:
     """Decode an image as RGB (grayscale and palette images are expanded), optionally cropped.
 
+    The pixels are used as stored: an EXIF orientation tag is not applied (as torchvision and timm do not), so
+    training, the gallery and the queries all see the same orientation of a file.
+
     Args:
         path: Image file.
         box: Optional ``(x1, y1, x2, y2)`` crop box in pixels, right/bottom exclusive. It is clipped to the image
