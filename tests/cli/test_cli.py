@@ -35,6 +35,12 @@ def test_train_eval_index_search(shapes_folder, tmp_path, capsys, caplog):
                       '--save-embeddings', str(tmp_path / 'emb.safetensors'), '--num-workers', '0', '--quiet']) == 0
     metrics = json.loads((tmp_path / 'm.json').read_text())
     assert set(metrics) >= {'recall@1', 'recall@2', 'map@r'} and metrics['flip'] is True
+    from cgd_heads import evaluate_retrieval
+    from cgd_heads.retrieval.extract import load_embeddings
+    saved, saved_labels, _, _ = load_embeddings(tmp_path / 'emb.safetensors')
+    reference = evaluate_retrieval(saved, saved_labels, ks=(1, 2))  # the printed numbers are the saved embeddings'
+    assert {k: metrics[k] for k in ('recall@1', 'recall@2', 'map@r')} == pytest.approx(
+        {k: reference[k] for k in ('recall@1', 'recall@2', 'map@r')})
     assert index_main(['--embeddings', str(tmp_path / 'emb.safetensors'), '--checkpoint', str(run / 'best'),
                        '--out', str(tmp_path / 'emb_index')]) == 0
     from cgd_heads import RetrievalIndex
@@ -66,7 +72,7 @@ def test_train_eval_index_search(shapes_folder, tmp_path, capsys, caplog):
     assert (tmp_path / 'grid.png').stat().st_size > 0
 
 
-def test_resume_flag_continues_a_run(shapes_folder, tmp_path, monkeypatch):
+def test_resume_flag_continues_a_run(shapes_folder, tmp_path, monkeypatch, capsys):
     import cgd_heads.training.trainer as train_module
     args = ['--data', str(shapes_folder), '--train-classes', '6', '--val-classes', '0', '--out',
             str(tmp_path / 'run'), '--no-test', *TRAIN]
@@ -79,20 +85,23 @@ def test_resume_flag_continues_a_run(shapes_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, '_append_jsonl', interrupt_after_first_epoch)
     assert train_main(args) == 130
     monkeypatch.setattr(train_module, '_append_jsonl', real_append)
+    capsys.readouterr()
     assert train_main(args) == 2  # the run exists: refused without --resume
+    assert 'already holds a training run' in capsys.readouterr().err
     assert train_main([*args, '--resume']) == 0
     rows = (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
     assert [json.loads(r)['epoch'] for r in rows] == [1, 2]
 
 
-@pytest.mark.parametrize('case, extra', [
-    ('missing', ['--train-classes', '6']),
-    ('empty', ['--train-classes', '6']),
-    ('no_eval_classes', ['--train-classes', '8']),
-    ('too_few_images', ['--train-classes', '6', '--m-per-class', '8', '--batch-size', '16', '--val-classes', '0']),
-    ('out_not_dir', ['--train-classes', '6']),
+@pytest.mark.parametrize('case, extra, message', [
+    ('missing', ['--train-classes', '6'], 'nowhere does not exist'),
+    ('empty', ['--train-classes', '6'], 'cannot detect a data set layout'),
+    ('no_eval_classes', ['--train-classes', '8'], 'train_classes must leave at least one class on each side'),
+    ('too_few_images', ['--train-classes', '6', '--m-per-class', '8', '--batch-size', '16', '--val-classes', '0'],
+     'have fewer than m_per_class=8 images'),
+    ('out_not_dir', ['--train-classes', '6'], 'file is not a writable folder'),
 ])
-def test_user_errors_are_one_line(case, extra, shapes_folder, tmp_path, capsys):
+def test_user_errors_are_one_line(case, extra, message, shapes_folder, tmp_path, capsys):
     data, out = shapes_folder, tmp_path / 'run'
     if case == 'missing':
         data = tmp_path / 'nowhere'
@@ -104,7 +113,8 @@ def test_user_errors_are_one_line(case, extra, shapes_folder, tmp_path, capsys):
         out = tmp_path / 'file' / 'run'
     assert train_main([*TRAIN, '--data', str(data), '--out', str(out), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('cgd-train: error: '), err
+    # the check meant for the case, not any error that run_cli would also have printed in one line
+    assert len(err) == 1 and err[0].startswith('cgd-train: error: ') and message in err[0], err
 
 
 def test_console_script_exit_code_without_traceback(tmp_path):
@@ -148,20 +158,21 @@ def test_eval_learns_and_applies_post_processing_and_index_search_use_it(trained
     data, checkpoint = trained
     common = ['--checkpoint', str(checkpoint), '--data', str(data), '--train-classes', '6', '--ks', '1,2',
               '--num-workers', '0', '--quiet']
-    steps = ['--dba', '2', '--qe', '2', '--qe-alpha', '3', '--rerank', '4,2,0.3', '--nmi']
+    steps = ['--dba', '3', '--qe', '2', '--qe-alpha', '3', '--rerank', '4,2,0.3', '--nmi']  # dba != qe: not swapped
     assert eval_main([*common, *steps, '--learn-whitening', 'learned', '--whiten-dim', '8',
                       '--whiten-out', str(tmp_path / 'white'), '--output', str(tmp_path / 'learned.json'),
                       '--save-embeddings', str(tmp_path / 'emb.safetensors')]) == 0
     out = capsys.readouterr().out
     assert 'whitening (learned, 16 -> 8 dims) learned on 36 train images' in out and '| nmi |' in out
     learned = json.loads((tmp_path / 'learned.json').read_text())
-    assert learned['postprocess'] == {'whitening': 'learned', 'whiten_dim': 8, 'whiten_shrinkage': 1.0, 'dba': 2,
+    assert learned['postprocess'] == {'whitening': 'learned', 'whiten_dim': 8, 'whiten_shrinkage': 1.0, 'dba': 3,
                                       'qe': 2, 'qe_alpha': 3.0, 'rerank': [4, 2, 0.3]}
     config = CGDModel.from_pretrained(checkpoint).config
     whitening = Whitening.load(tmp_path / 'white', expected_fingerprint=model_fingerprint(config))
     # the printed metrics are the library's on the (raw) saved test embeddings with the same steps
     emb, labels, _, _ = load_embeddings(tmp_path / 'emb.safetensors')
-    expected = evaluate_postprocessed(emb, labels, PostProcess(whitening, 2, 3.0, 2, (4, 2, 0.3)), ks=(1, 2), nmi=True)
+    steps_used = PostProcess(whitening, qe=2, qe_alpha=3.0, dba=3, rerank=(4, 2, 0.3))
+    expected = evaluate_postprocessed(emb, labels, steps_used, ks=(1, 2), nmi=True)
     assert {k: learned[k] for k in expected} == pytest.approx(expected)
     # the saved whitening applied again gives the same result
     assert eval_main([*common, *steps, '--whiten', str(tmp_path / 'white'), '--output',

@@ -254,15 +254,20 @@ def test_eval_is_deterministic_and_compile_matches_eager(learnable):
     torch.testing.assert_close(compiled(x), pool(x))
 
 
-@pytest.mark.parametrize('kwargs, error', [
-    (dict(p=0.0), ValueError), (dict(p=-1.0), ValueError), (dict(p=float('nan')), ValueError),
-    (dict(p='3'), TypeError), (dict(p=float('inf'), learnable=True), ValueError), (dict(eps=0.0), ValueError),
-    (dict(input_fmt='NCL'), ValueError), (dict(per_channel=True, learnable=True), ValueError),
-    (dict(per_channel=True, in_features=4), ValueError), (dict(in_features=0), ValueError),
-    (dict(p=0.5, learnable=True), ValueError), (dict(p=200.0, learnable=True), ValueError),
+@pytest.mark.parametrize('kwargs, error, message', [
+    (dict(p=0.0), ValueError, 'p must be > 0'), (dict(p=-1.0), ValueError, 'p must be > 0'),
+    (dict(p=float('nan')), ValueError, 'p must be > 0'), (dict(p='3'), TypeError, 'p must be a float > 0'),
+    (dict(p=float('inf'), learnable=True), ValueError, 'cannot be learnable'),
+    (dict(eps=0.0), ValueError, 'eps must be a finite float > 0'),
+    (dict(input_fmt='NCL'), ValueError, 'input_fmt must be one of'),
+    (dict(per_channel=True, learnable=True), ValueError, 'per_channel=True needs in_features'),
+    (dict(per_channel=True, in_features=4), ValueError, 'per_channel=True needs learnable=True'),
+    (dict(in_features=0), ValueError, 'in_features must be a positive int'),
+    (dict(p=0.5, learnable=True), ValueError, r'learnable p must start in \[1, 100\]'),
+    (dict(p=200.0, learnable=True), ValueError, r'learnable p must start in \[1, 100\]'),
 ])
-def test_bad_arguments(kwargs, error):
-    with pytest.raises(error, match=list(kwargs)[0]):
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
         GeneralizedPooling(**kwargs)
 
 

@@ -26,10 +26,13 @@ def test_train_writes_checkpoints_and_metrics(shapes_folder, tmp_path):
     assert config['model']['model_name'] == 'test_resnet' and config['data']['img_size'] == 24
     assert len(config['class_names']) == 6  # 8 classes, 2 held out for validation
     assert config['model']['num_classes'] == 6
-    best = rows[[r['val_recall@1'] for r in rows].index(result.best_metric)]
-    assert config['epoch'] == best['epoch']
-    x = torch.randn(2, 3, 24, 24)
-    torch.testing.assert_close(load_pretrained(tmp_path / 'run' / 'best').eval()(x), result.model.eval()(x))
+    recalls = [r['val_recall@1'] for r in rows]
+    best_epoch = recalls.index(max(recalls)) + 1  # the first epoch with the highest held-out R@1 (ties keep it)
+    assert config['epoch'] == best_epoch and result.best_metric == max(recalls)
+    # best/ holds that epoch's weights: the last epoch's (last/) exactly when the last epoch won
+    best = load_pretrained(tmp_path / 'run' / 'best').state_dict()
+    last = load_pretrained(tmp_path / 'run' / 'last').state_dict()
+    assert all(torch.equal(best[k], last[k]) for k in best) == (best_epoch == len(rows))
 
 
 def test_existing_run_is_never_overwritten(shapes_folder, tmp_path):
@@ -201,7 +204,7 @@ def test_cosine_and_warmup_per_update():
     config = TrainConfig(model_name='test_resnet', epochs=4, lr=1e-2, sched='cosine', warmup_epochs=1)
     used = _lrs_per_update(config, iters=5)
     # warm-up: linear from lr / 100 over the first 5 updates, then the cosine over all 20 updates
-    assert used[0] == pytest.approx(1e-4) and used[:5] == sorted(used[:5]) and used[4] < 1e-2
+    assert used[:5] == pytest.approx([1e-4 + u * (1e-2 - 1e-4) / 5 for u in range(5)])
     assert used[5:] == pytest.approx([0.5e-2 * (1 + math.cos(math.pi * t / 20)) for t in range(5, 20)])
     assert 'warm-up' in describe_schedule(config, 5) and 'cosine' in describe_schedule(config, 5)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
@@ -255,7 +258,7 @@ def test_a_small_or_damaged_held_out_split_is_handled_before_training(shapes_fol
     damaged = ImageList(val_list.paths + [str(bad)], val_list.labels + [val_list.labels[0]], val_list.class_names)
     result = train(TrainConfig(**dict(TINY, epochs=1)), train_list, tmp_path / 'damaged', val_list=damaged,
                    skip_bad_images=True)
-    assert result.history[0]['val_recall@1'] >= 0
+    assert result.history[0]['val_num_queries'] == len(val_list)  # the 12 readable images, not 13
     # and a held-out split with no class of two images is refused before a run folder is made
     singles = ImageList(val_list.paths[:1] + val_list.paths[-1:], [0, 1], val_list.class_names[:2])
     with pytest.raises(ValueError, match='no class with 2 images'):

@@ -61,9 +61,9 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
             tmp.write_text('x')
         with atomic_dir(tmp_path / 'atomic_dir') as tmp:
             (tmp / 'f').write_text('x')
+        assert os.umask(0o027) == 0o027  # reading the umask put it back as it was
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / 'atomic') == mode(tmp_path / 'plain') == 0o640
     assert mode(tmp_path / 'atomic_dir') == mode(tmp_path / 'plain_dir') == 0o750
-    assert os.umask(old) == old  # the umask was read and put back, not changed
