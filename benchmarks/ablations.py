@@ -365,11 +365,18 @@ def run_partial_row(overrides: Dict[str, object], base: PartialTrainConfig, data
     return {k: metrics[k] for k in METRICS}
 
 
+def classifier_settings(args: argparse.Namespace) -> Dict[str, float]:
+    """``--temperature`` / ``--label-smoothing`` where given: the base of every row (a row's own value wins); by
+    default the paper's 0.5 / 0.1 (HeadSettings')."""
+    return {k: getattr(args, k) for k in ('temperature', 'label_smoothing') if getattr(args, k) is not None}
+
+
 def partial_tier(args: argparse.Namespace, record) -> Tuple[List[str], int, int]:
     """Run the table's rows (after the off-the-shelf reference rows) in the partial tier; returns (setup lines,
     test images, image size)."""
     img_size = args.img_size or PARTIAL_IMG_SIZE
-    budget = dict(PARTIAL_BUDGET, **{k: getattr(args, k) for k in ('lr', 'epochs') if getattr(args, k) is not None})
+    budget = dict(PARTIAL_BUDGET, **{k: getattr(args, k) for k in ('lr', 'epochs') if getattr(args, k) is not None},
+                  **classifier_settings(args))
     base = PartialTrainConfig(descriptors='SG', embed_dim=args.embed_dim, batch_size=args.batch_size or 128,
                               **budget)
     rows = selected_rows(args)
@@ -459,7 +466,7 @@ def finetune_tier(args: argparse.Namespace, record) -> Tuple[List[str], int, int
     splits = load_splits_of(args.dataset, args.limit_classes)
     _, _, model_name, weights, _, _ = DATASETS[args.dataset]
     budget = dict(FINETUNE_BUDGET[args.dataset], **{k: getattr(args, k) for k in ('img_size', 'lr', 'epochs')
-                                                     if getattr(args, k) is not None})
+                                                     if getattr(args, k) is not None}, **classifier_settings(args))
     base = TrainConfig(model_name=model_name, pretrained_from=weights, descriptors='SG', embed_dim=args.embed_dim,
                        batch_size=args.batch_size or 64, m_per_class=4, sched='cosine', val_classes=0,
                        num_workers=0, progress=False, device=args.device, eval_every=10 ** 6, **budget)
@@ -510,6 +517,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--img-size', type=int, help=f'default: 160 (heads), {PARTIAL_IMG_SIZE} (partial); finetune: '
                                                  f'{finetune_default("img_size")}')
     p.add_argument('--batch-size', type=int, help='default: 128 (heads, partial), 64 (finetune)')
+    p.add_argument('--temperature', type=float, help="partial, finetune: the classifier's temperature in every row "
+                                                      "that does not set it (default: the paper's 0.5; 1 = none, the "
+                                                      "recipe's)")
+    p.add_argument('--label-smoothing', type=float,
+                   help="partial, finetune: label smoothing in every row that does not set it (default: the paper's "
+                        "0.1; 0 = none, the recipe's)")
     p.add_argument('--limit-classes', type=int, help='smoke tests: keep only the first N classes of each split')
     p.add_argument('--device', default='auto')
     p.add_argument('--output-dir', default=str(RESULTS))
@@ -534,6 +547,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.tier != 'finetune' and args.table in END_TO_END_TABLES:
         p.error(f'--table {args.table} needs --tier finetune: its rows are options of end-to-end training '
                 f'(cgd-train --channels-last / --amp), which the {args.tier} tier does not run')
+    if args.table == 'tricks' and classifier_settings(args):
+        p.error('--temperature / --label-smoothing set the base of the other tables; the tricks table varies them '
+                'itself (its "both" row would no longer be the paper\'s)')
     if args.render_only:
         render(args)
         return

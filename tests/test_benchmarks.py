@@ -101,12 +101,20 @@ def test_ablations_finetune_tier_on_a_pretrained_backbone(tmp_path):
 def test_ablations_partial_tier_runs_the_loss_table(tmp_path):
     run('ablations.py', '--dataset', 'cars196', '--tier', 'partial', '--table', 'loss', '--epochs', '1',
         '--seeds', '0', '--limit-classes', '4', '--batch-size', '8', '--embed-dim', '16', '--img-size', '32',
-        '--rows', 'classification only', '--tag', 'smoke', '--output-dir', str(tmp_path))
+        '--rows', 'classification only', '--tag', 'smoke', '--output-dir', str(tmp_path), '--temperature', '1',
+        '--label-smoothing', '0')
     text = (tmp_path / 'cars196_loss_partial_smoke.md').read_text()
     assert 'partial tier' in text and 'last 1 stage(s) + conv_head trained' in text
+    assert 'temperature 1.0, label smoothing 0.0, unless the row says otherwise' in text  # the recipe's, not 0.5/0.1
     rows = [line.split(' | ')[0] for line in text.splitlines() if line.startswith('| ') and '---' not in line]
     assert rows == ['| row', '| off-the-shelf GAP (no training)', '| off-the-shelf MAC (no training)',
                     '| off-the-shelf GeM p=3 (no training)', '| classification only']
+
+
+def test_ablations_refuses_classifier_settings_on_the_tricks_table(tmp_path):
+    stderr = refused('ablations.py', '--dataset', 'cars196', '--table', 'tricks', '--tier', 'partial',
+                     '--label-smoothing', '0', '--output-dir', str(tmp_path))
+    assert 'the tricks table varies them itself' in stderr
 
 
 def test_ablations_refuses_an_unknown_row(tmp_path):
