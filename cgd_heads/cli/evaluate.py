@@ -212,12 +212,11 @@ def run(args: argparse.Namespace) -> None:
         whitening = None
     postprocess = PostProcess(whitening, args.qe, args.qe_alpha, args.dba, rerank)
     # the weights' fingerprint, so cgd-index --embeddings --checkpoint can refuse another run's checkpoint
-    weights = ({'checkpoint_fingerprint': checkpoint_fingerprint(args.checkpoint)}
-               if args.checkpoint and args.save_embeddings else None)
+    provenance = ({'checkpoint_fingerprint': checkpoint_fingerprint(args.checkpoint)}
+                  if args.checkpoint and args.save_embeddings else None)
     metrics = evaluate_split(model, splits, data_config, split=args.split, ks=args.ks, save_to=args.save_embeddings,
                              postprocess=None if postprocess.is_identity else postprocess, nmi=args.nmi,
-                             embed_fn=embed_fn, save_metadata=weights,
-                             **embed_kwargs)
+                             embed_fn=embed_fn, save_metadata=provenance, **embed_kwargs)
     what = args.checkpoint or (f'off-the-shelf {args.off_the_shelf} (GeM p={args.gem_p:g}, stride '
                                f'{args.stride_mode}, {data_config["img_size"]} px)')
     print_metrics(f'{what} on {args.data} ({args.split}, {metrics["num_queries"]} queries):', metrics)
