@@ -20,7 +20,7 @@ from ..retrieval.distributed_extract import extract_units, rank_device
 from ..retrieval.extract import extract_embeddings, save_embeddings
 from ..retrieval.metrics import DEFAULT_KS, evaluate_retrieval
 from ..retrieval.postprocess import PostProcess, evaluate_postprocessed
-from ..retrieval.units import DEFAULT_UNIT_SIZE, MANIFEST_FILE, EmbeddingUnits
+from ..retrieval.units import DEFAULT_UNIT_SIZE, MANIFEST_FILE, NO_LABEL, EmbeddingUnits
 from ..retrieval.whitening import Whitening, model_fingerprint
 from ..training.config import TrainConfig
 from ..utils.distributed import DistributedContext, init_distributed
@@ -301,9 +301,11 @@ def extract_list_units(model: torch.nn.Module, image_list: ImageList, data_confi
                        fingerprint: str, context: DistributedContext, unit_size: Optional[int] = None,
                        flip: bool = False, scales: Sequence[float] = (1.0,), device: str = 'auto', amp: str = 'auto',
                        batch_size: int = 128, num_workers: int = 0, progress: bool = False,
-                       skip_bad_images: bool = False) -> EmbeddingUnits:
+                       skip_bad_images: bool = False, labelled: bool = True) -> EmbeddingUnits:
     """Embed ``image_list`` into the units folder ``directory`` with the evaluation transform (collective under
-    torchrun); unreadable images are skipped (and recorded in their unit) with ``skip_bad_images``."""
+    torchrun); unreadable images are skipped (and recorded in their unit) with ``skip_bad_images``; with
+    ``labelled=False`` the list's labels are not recorded (every unit stores NO_LABEL, the manifest no class
+    names)."""
     torch_device = rank_device(device, context)
     if unit_size is None:
         manifest = Path(directory) / MANIFEST_FILE
@@ -312,12 +314,13 @@ def extract_list_units(model: torch.nn.Module, image_list: ImageList, data_confi
         'sha256:' + hashlib.sha256(json.dumps(image_list.boxes).encode()).hexdigest()
     paths = image_list.paths
     return extract_units(
-        model, ImageDataset(image_list, eval_transform(data_config)), directory, paths, image_list.labels,
+        model, ImageDataset(image_list, eval_transform(data_config)), directory, paths,
+        image_list.labels if labelled else [NO_LABEL] * len(paths),
         fingerprint=fingerprint, preprocessing={'data_config': data_config, 'boxes': boxes}, unit_size=unit_size,
         batch_size=batch_size, device=torch_device, flip=flip, scales=scales, num_workers=num_workers,
         amp_dtype=amp_dtype(amp, torch_device), progress=progress,
         check_item=(lambda i: verify_image(paths[i])) if skip_bad_images else None, context=context,
-        class_names=image_list.class_names)
+        class_names=image_list.class_names if labelled else None)
 
 
 def runtime_kwargs(args: argparse.Namespace) -> Dict[str, Any]:

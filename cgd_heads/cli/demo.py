@@ -176,6 +176,11 @@ def _parser() -> argparse.ArgumentParser:
 def _demo_splits(args: argparse.Namespace) -> Tuple[Path, str, Dict[str, ImageList]]:
     """(root, reader, splits): the embedded digits, or the data set the options name."""
     if args.data is None:
+        given = [flag for flag, set_ in (('--dataset', args.dataset != 'auto'),
+                                         ('--train-classes', args.train_classes is not None)) if set_]
+        if given:  # they would be silently ignored: the embedded digits have their own split
+            raise ValueError(f'{", ".join(given)}: only with --data ROOT (the embedded digits are split '
+                             f'{DIGITS_TRAIN_CLASSES} train / {10 - DIGITS_TRAIN_CLASSES} test classes)')
         root, dataset = write_digits_folder(Path(args.out) / 'digits'), 'folder'
         kwargs: Dict[str, Any] = {'train_classes': DIGITS_TRAIN_CLASSES}
     else:

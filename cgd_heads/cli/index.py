@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..data import ImageDataset, ImageList, read_image_folder
+from ..data import ImageDataset, ImageList, list_images, read_image_folder
+from ..data.image_folder import list_class_folders
 from ..retrieval.extract import extract_embeddings, load_embeddings
 from ..retrieval.index import RetrievalIndex
 from ..retrieval.index_types import INDEX_TYPES
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--checkpoint', help='checkpoint folder (e.g. RUN/best); not needed with --embeddings')
     p.add_argument('--images', help='index every image in the class sub-folders of this folder (class = sub-folder; '
                                      'images directly in it are left out with a warning)')
+    p.add_argument('--no-labels', action='store_true',
+                   help='with --images: index every image below the folder, at any depth, without classes (a '
+                        'catalogue: sub-folders are storage, not labels); results then carry no label')
     p.add_argument('--embeddings', help='index an embeddings file (cgd-eval --save-embeddings) instead of images')
     add_data_args(p, required=False)
     p.add_argument('--split', default='test', help='with --data: the split to index')
@@ -103,6 +107,9 @@ def _check_data_options(args: argparse.Namespace) -> None:
                                      ('--crop', args.crop), ('--split', args.split != 'test')) if set_]
     if given and args.data is None:
         raise ValueError(f'{", ".join(given)}: only with --data ROOT (they choose which images are indexed)')
+    if args.no_labels and args.images is None:
+        raise ValueError('--no-labels: only with --images FOLDER (--data reads a labelled data set; embeddings and '
+                         'units keep the labels they were made with)')
     reads_images = args.images is not None or args.data is not None
     if args.skip_bad_images and not reads_images:
         raise ValueError('--skip-bad-images: only with --images or --data (no images are read here)')
@@ -115,6 +122,12 @@ def _gallery(args: argparse.Namespace) -> ImageList:
         folder = Path(args.images)
         if not folder.is_dir():
             raise FileNotFoundError(f'--images {folder} is not a folder')
+        if args.no_labels:  # labels 0 only feed the Dataset: the index and units record none
+            paths = list_images(folder)
+            return ImageList(paths, [0] * len(paths), ['unlabelled'])
+        if not list_class_folders(folder):
+            raise ValueError(f'--images {folder} has no class sub-folders: pass --no-labels to index its images '
+                             f'without classes, or sort them into one folder per class')
         return read_image_folder(folder)['all']
     splits = load_data_splits(args)
     if args.split not in splits:
@@ -181,10 +194,10 @@ def _index_units(args: argparse.Namespace) -> None:
                                    checkpoint_fingerprint(args.checkpoint), context, args.unit_size,
                                    device=args.device, amp=args.amp, batch_size=args.batch_size,
                                    num_workers=args.num_workers, progress=not args.quiet,
-                                   skip_bad_images=args.skip_bad_images)
+                                   skip_bad_images=args.skip_bad_images, labelled=not args.no_labels)
         if not context.is_main:
             return
-        model_config, class_names = model.config, gallery.class_names
+        model_config, class_names = model.config, None if args.no_labels else gallery.class_names
     metadata: Dict[str, Any] = {'model': model_config} if model_config else {}
     if args.checkpoint:
         metadata['checkpoint'] = str(Path(args.checkpoint).resolve())
@@ -221,9 +234,11 @@ def run(args: argparse.Namespace) -> None:
     emb, labels = extract_embeddings(model, dataset, batch_size=args.batch_size, device=device,
                                      num_workers=args.num_workers, amp_dtype=amp_dtype(args.amp, device),
                                      progress=not args.quiet)
-    index = RetrievalIndex.build(emb, labels=labels.tolist(), paths=dataset.paths, index_type=args.index_type,
-                                 metadata={'model': model.config, 'checkpoint': str(Path(args.checkpoint).resolve()),
-                                           'class_names': dataset.class_names}, whitening=whitening, **index_kwargs)
+    metadata = {'model': model.config, 'checkpoint': str(Path(args.checkpoint).resolve())}
+    if not args.no_labels:
+        metadata['class_names'] = dataset.class_names
+    index = RetrievalIndex.build(emb, labels=None if args.no_labels else labels.tolist(), paths=dataset.paths,
+                                 index_type=args.index_type, metadata=metadata, whitening=whitening, **index_kwargs)
     index.save(args.out)
     print(f'indexed {len(index)} images ({_dims(index)}, {args.index_type}) -> {args.out}')
 

@@ -12,7 +12,7 @@ from .cars196 import read_cars196
 from .csv_list import read_csv
 from .cub200 import read_cub200
 from .dataset import ImageDataset
-from .image_folder import read_image_folder
+from .image_folder import list_images, read_image_folder
 from .image_io import BadImageError, load_rgb_image
 from .image_list import Box, ImageList
 from .inshop import read_inshop
@@ -32,6 +32,7 @@ __all__ = [
     'create_cgd_transform',
     'data_config_of',
     'detect_dataset',
+    'list_images',
     'load_rgb_image',
     'load_splits',
     'read_caltech101',

@@ -18,7 +18,7 @@ from ..utils.checks import PathLike
 from .annotation_files import require_dir
 from .image_list import ImageList, resolve_class_count
 
-__all__ = ['read_image_folder', 'list_class_folders', 'is_image_file']
+__all__ = ['read_image_folder', 'list_images', 'list_class_folders', 'is_image_file']
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +41,26 @@ def _images_below(folder: Path) -> List[str]:
         dirnames[:] = [d for d in dirnames if not d.startswith('.')]
         found += [os.path.join(dirpath, f) for f in filenames if is_image_file(f)]
     return sorted(found)
+
+
+def list_images(root: PathLike) -> List[str]:
+    """Every image below ``root``, at any depth, as sorted absolute paths: an unlabelled gallery (a catalogue to
+    index) rather than a data set, so sub-folders are only a storage layout here, not classes.
+
+    Args:
+        root: The folder.
+
+    Returns:
+        The image paths (torchvision's image extensions, any case; hidden files and folders skipped).
+
+    Raises:
+        FileNotFoundError: If ``root`` is missing or holds no image.
+    """
+    root = require_dir(root, 'image folder')
+    images = _images_below(root.resolve())
+    if not images:
+        raise FileNotFoundError(f'{root} holds no images (extensions: {", ".join(IMG_EXTENSIONS)})')
+    return images
 
 
 def read_image_folder(

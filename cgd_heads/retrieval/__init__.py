@@ -14,15 +14,15 @@ from .query_expansion import database_augmentation, query_expansion
 from .rerank import k_reciprocal_rerank_dense, k_reciprocal_rerank_sparse
 from .shards import ShardedIndex, ShardHit, index_to_gpu
 from .unit_index import build_index_from_units, load_index
-from .units import (EmbeddingUnit, EmbeddingUnits, checkpoint_fingerprint, list_fingerprint, load_units,
+from .units import (NO_LABEL, EmbeddingUnit, EmbeddingUnits, checkpoint_fingerprint, list_fingerprint, load_units,
                     weights_fingerprint)
 from .visualize import save_retrieval_grid
 from .whitening import Whitening, model_fingerprint
 
-__all__ = ['EmbeddingUnit', 'EmbeddingUnits', 'INDEX_TYPES', 'PostProcess', 'RetrievalIndex', 'SearchHit', 'ShardHit',
-           'ShardedIndex', 'UNIT_NORM_TOLERANCE', 'Whitening', 'build_index_from_units', 'checkpoint_fingerprint',
-           'database_augmentation', 'evaluate_postprocessed', 'evaluate_retrieval', 'extract_embeddings',
-           'extract_units', 'index_to_gpu', 'k_reciprocal_rerank_dense', 'k_reciprocal_rerank_sparse',
-           'list_fingerprint', 'load_embeddings', 'load_index', 'load_units', 'model_fingerprint',
-           'nmi_from_clusters', 'normalized_mutual_info', 'query_expansion', 'save_embeddings',
+__all__ = ['EmbeddingUnit', 'EmbeddingUnits', 'INDEX_TYPES', 'NO_LABEL', 'PostProcess', 'RetrievalIndex', 'SearchHit',
+           'ShardHit', 'ShardedIndex', 'UNIT_NORM_TOLERANCE', 'Whitening', 'build_index_from_units',
+           'checkpoint_fingerprint', 'database_augmentation', 'evaluate_postprocessed', 'evaluate_retrieval',
+           'extract_embeddings', 'extract_units', 'index_to_gpu', 'k_reciprocal_rerank_dense',
+           'k_reciprocal_rerank_sparse', 'list_fingerprint', 'load_embeddings', 'load_index', 'load_units',
+           'model_fingerprint', 'nmi_from_clusters', 'normalized_mutual_info', 'query_expansion', 'save_embeddings',
            'save_retrieval_grid', 'to_embedding_array', 'weights_fingerprint']

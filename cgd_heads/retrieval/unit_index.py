@@ -201,13 +201,13 @@ def _build_ivf(units: EmbeddingUnits, counts: List[int], trained: Tuple[Any, Dic
                whitening: Optional[Whitening], metadata: Dict[str, Any], on_disk: bool, shard_size: int) -> None:
     """Add every unit to the trained index (in memory, or part by part merged into a lists file), then save."""
     index, params = trained
-    labels: List[int] = []
+    labels: List[Optional[int]] = []
     paths: List[Optional[str]] = []
     if not on_disk:
         for unit in units.iter_units():
             if len(unit):  # a unit whose images were all skipped holds a (0, 0) array
                 index.add(_vectors(unit, whitening))
-            labels.extend(unit.labels.tolist())
+            labels.extend(unit.item_labels())
             paths.extend(unit.paths)
     else:
         trained_file = directory / f'.trained.{uuid.uuid4().hex}.faiss'
@@ -222,7 +222,7 @@ def _build_ivf(units: EmbeddingUnits, counts: List[int], trained: Tuple[Any, Dic
                         x = _vectors(unit, whitening)
                         part.add_with_ids(x, np.arange(offset, offset + len(x), dtype=np.int64))
                         offset += len(x)
-                    labels.extend(unit.labels.tolist())
+                    labels.extend(unit.item_labels())
                     paths.extend(unit.paths)
                 parts.append(directory / f'.part.{uuid.uuid4().hex}.faiss')
                 faiss.write_index(part, str(parts[-1]))
@@ -261,7 +261,7 @@ def _build_shards(units: EmbeddingUnits, counts: List[int], directory: Path, ind
             if not any(len(u) for u in gathered):
                 continue  # every image of these units was skipped
             emb = np.concatenate([u.embeddings for u in gathered if len(u)])
-            labels = [label for u in gathered for label in u.labels.tolist()]
+            labels = [label for u in gathered for label in u.item_labels()]
             paths = [path for u in gathered for path in u.paths]
             del gathered
             shard = RetrievalIndex.build(emb, labels, paths, index_type, dict(metadata, shard=number),

@@ -12,9 +12,10 @@ processes that extract it, so an interrupted extraction can be finished by a dif
   number of units.
 * Each unit (safetensors, written atomically, so a unit file is either complete or absent): float32 ``embeddings``
   ``(n, D)`` as the model made them (raw: no whitening; that is applied when indexing), int64 ``ids`` (positions in
-  the image list, increasing) and int64 ``labels``; its header metadata holds the unit number and range, both
-  fingerprints, the image paths (JSON) and the images left out because they could not be read (``skipped``, JSON
-  ``[id, reason]`` pairs). ``n + len(skipped)`` is the unit's range length.
+  the image list, increasing) and int64 ``labels`` (:data:`NO_LABEL` for an unlabelled gallery); its header
+  metadata holds the unit number and range, both fingerprints, the image paths (JSON) and the images left out
+  because they could not be read (``skipped``, JSON ``[id, reason]`` pairs). ``n + len(skipped)`` is the unit's
+  range length.
 
 A unit file whose fingerprints differ from the manifest's is refused with a ValueError (it was written by another
 model or for another list); an unreadable or inconsistent one counts as not finished and is written again.
@@ -39,7 +40,7 @@ from ..utils.atomic import atomic_path, atomic_write_json, read_json, resolve_di
 from ..utils.checks import PathLike, check_int
 
 __all__ = ['EmbeddingUnit', 'EmbeddingUnits', 'load_units', 'checkpoint_fingerprint', 'weights_fingerprint',
-           'list_fingerprint', 'MANIFEST_FILE', 'DEFAULT_UNIT_SIZE', 'UNITS_FORMAT_VERSION']
+           'list_fingerprint', 'MANIFEST_FILE', 'DEFAULT_UNIT_SIZE', 'UNITS_FORMAT_VERSION', 'NO_LABEL']
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ DEFAULT_UNIT_SIZE = 10_000
 #: Version of the units layout (manifest and unit files).
 UNITS_FORMAT_VERSION = 1
 UNITS_FORMAT = 'cgd_heads.embedding_units'
+#: The label stored for an image without one (an unlabelled gallery); real labels are >= 0, and an index built from
+#: the units gets ``None`` for it.
+NO_LABEL = -1
 #: The manifest fields a rerun must agree with, and what a difference means.
 _COMPARED = {
     'model_fingerprint': 'another model',
@@ -135,6 +139,10 @@ class EmbeddingUnit:
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+    def item_labels(self) -> List[Optional[int]]:
+        """The labels as an index stores them: an int each, ``None`` for :data:`NO_LABEL`."""
+        return [None if label == NO_LABEL else label for label in self.labels.tolist()]
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -281,7 +289,7 @@ class EmbeddingUnits:
         Args:
             unit: The unit number.
             embeddings: ``(n, D)`` float array or tensor, raw model output.
-            labels: ``n`` int labels.
+            labels: ``n`` int labels (:data:`NO_LABEL` where an image has none).
             paths: ``n`` paths (or Nones); None = no paths.
             ids: The ``n`` image positions, increasing, within :meth:`unit_range`; None = the whole range.
             skipped: ``(id, reason)`` of the images of the range left out (unreadable); together with ``ids``

@@ -175,3 +175,51 @@ def test_torchrun_eval_through_units_reports_once(setup, tmp_path):
     assert {k: two[k] for k in ('recall@1', 'recall@2', 'map@r')} == \
         pytest.approx({k: one[k] for k in ('recall@1', 'recall@2', 'map@r')}, abs=1e-6)
     assert _writers(EmbeddingUnits.open(tmp_path / 'units' / 'test')) == ['rank 0 of 2', 'rank 1 of 2'] * 2
+
+
+def test_index_no_labels_indexes_a_catalogue_in_memory_and_through_units(setup, tmp_path, capsys):
+    import shutil
+    images, checkpoint = setup
+    labelled = read_image_folder(images)['all']
+    # a catalogue: 5 images directly in the folder, the rest in storage sub-folders nested two deep
+    catalogue = tmp_path / 'catalogue'
+    (catalogue / 'batch_a' / 'deep').mkdir(parents=True)
+    copies = {}
+    for i, src in enumerate(labelled.paths[:12]):
+        dst = catalogue / ('' if i < 5 else 'batch_a/deep' if i % 2 else 'batch_a') / f'item_{i:02d}.png'
+        shutil.copy(src, dst)
+        copies[str(dst.resolve())] = src
+    (catalogue / '.hidden.png').write_bytes(b'not read')  # hidden files are not part of the catalogue
+    # a folder without class sub-folders is refused with the way out, not indexed as nothing
+    capsys.readouterr()
+    assert index_main(['--checkpoint', str(checkpoint), '--images', str(catalogue / 'batch_a' / 'deep'), *RUNTIME,
+                       '--out', str(tmp_path / 'refused')]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'has no class sub-folders: pass --no-labels' in err and len(err.splitlines()) == 1
+    assert index_main(['--checkpoint', str(checkpoint), '--data', str(images), *RUNTIME, '--no-labels',
+                       '--out', str(tmp_path / 'refused')]) == 2
+    assert '--no-labels: only with --images FOLDER' in capsys.readouterr().err
+
+    common = ['--checkpoint', str(checkpoint), '--images', str(catalogue), *RUNTIME]
+    assert index_main([*common, '--no-labels', '--out', str(tmp_path / 'memory')]) == 0
+    assert index_main([*common, '--no-labels', '--units', str(tmp_path / 'units'), '--unit-size', '5',
+                       '--out', str(tmp_path / 'streamed')]) == 0
+    assert index_main(['--checkpoint', str(checkpoint), '--images', str(images), *RUNTIME,
+                       '--out', str(tmp_path / 'labelled')]) == 0
+    by_path = load_index(tmp_path / 'labelled')
+    query = images / 'class_00' / '0.png'
+    for name in ('memory', 'streamed'):
+        index = load_index(tmp_path / name)
+        if isinstance(index, ShardedIndex):  # the units path writes flat indexes as shards (here one)
+            (index,) = index.shards
+        assert sorted(index.paths) == sorted(copies) and index.labels == [None] * 12
+        assert 'class_names' not in index.metadata
+        # every copy has the vector of its original in the labelled index
+        ours = dict(zip(index.paths, index.faiss_index.reconstruct_n(0, len(index))))
+        theirs = dict(zip(by_path.paths, by_path.faiss_index.reconstruct_n(0, len(by_path))))
+        for path, vector in ours.items():
+            np.testing.assert_allclose(vector, theirs[copies[path]], atol=ATOL)
+        capsys.readouterr()
+        assert search_main([str(query), '--index', str(tmp_path / name), '--k', '2', '--json']) == 0
+        top = json.loads(capsys.readouterr().out)[0]['results']
+        assert copies[top[0]['path']] == str(query) and top[0]['label'] is None

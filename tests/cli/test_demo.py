@@ -164,3 +164,16 @@ def test_readme_demo_table_matches_a_rerun_of_the_default_demo(tmp_path):
     # the README's promise: training plainly beats the untrained network on the unseen classes
     trained = [name for name in stated if name.startswith('CGD')][0]
     assert measured[trained][0] > measured['untrained (random init)'][0] + 10
+
+
+@pytest.mark.parametrize('extra, flags', [(['--train-classes', '3'], '--train-classes'),
+                                          (['--dataset', 'folder', '--train-classes', '0.5'],
+                                           '--dataset, --train-classes')])
+def test_data_options_without_data_are_refused_before_any_work(extra, flags, tmp_path, capsys):
+    from cgd_heads.cli import demo_main
+    out = tmp_path / 'demo'
+    assert demo_main([*TINY, '--out', str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f'cgd-demo: error: {flags}: only with --data ROOT (the embedded digits are split 6 train / 4 '
+                   f'test classes)')
+    assert not out.exists()  # nothing written: the digits would have been split 6 / 4 whatever was asked

@@ -24,6 +24,7 @@ from cgd_heads.data import (
     ImageList,
     create_cgd_transform,
     detect_dataset,
+    list_images,
     load_splits,
     read_cars196,
     read_csv,
@@ -453,6 +454,20 @@ class TestImageFolder:
             read_image_folder(tmp_path / 'bare')
         with pytest.raises(FileNotFoundError, match='missing'):
             read_image_folder(tmp_path / 'missing')
+
+    def test_list_images_reads_every_image_at_any_depth_without_classes(self, tmp_path):
+        write_folder(tmp_path / 'data')
+        write_image(tmp_path / 'data' / 'loose.png')  # beside the folders: a catalogue's images
+        expected = sorted(os.path.join(dirpath, f) for dirpath, dirs, files in os.walk(tmp_path / 'data')
+                          for f in files if not f.startswith('.') and '.hidden_class' not in dirpath
+                          and f.rsplit('.', 1)[-1].lower() in ('jpg', 'png', 'jpeg', 'bmp', 'webp'))
+        assert len(expected) == 8 and list_images(tmp_path / 'data') == expected
+        (tmp_path / 'none' / 'sub').mkdir(parents=True)
+        (tmp_path / 'none' / 'sub' / 'notes.txt').write_text('not an image')
+        with pytest.raises(FileNotFoundError, match='holds no images'):
+            list_images(tmp_path / 'none')
+        with pytest.raises(FileNotFoundError, match='missing'):
+            list_images(tmp_path / 'missing')
 
 
 def write_csv(path, rows, header=('path', 'label', 'split')):
