@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--checkpoint', help='checkpoint folder (e.g. RUN/best); not needed with --embeddings')
     p.add_argument('--images', help='index every image in the class sub-folders of this folder (class = sub-folder; '
-                                     'images directly in it are left out with a warning)')
+                                     'images directly in it are left out with a warning; a folder without class '
+                                     'sub-folders needs --no-labels)')
     p.add_argument('--no-labels', action='store_true',
                    help='with --images: index every image below the folder, at any depth, without classes (a '
                         'catalogue: sub-folders are storage, not labels); results then carry no label')
@@ -103,7 +104,8 @@ def _check_units_options(args: argparse.Namespace) -> None:
 
 def _check_data_options(args: argparse.Namespace) -> None:
     """Options that only act on the images read are refused where no images are read, not silently ignored."""
-    given = [flag for flag, set_ in (('--dataset', args.dataset != 'auto'), ('--train-classes', args.train_classes),
+    given = [flag for flag, set_ in (('--dataset', args.dataset != 'auto'),
+                                     ('--train-classes', args.train_classes is not None),
                                      ('--crop', args.crop), ('--split', args.split != 'test')) if set_]
     if given and args.data is None:
         raise ValueError(f'{", ".join(given)}: only with --data ROOT (they choose which images are indexed)')

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> None:
         for res in results:
             print(res['query'])
             for r in res['results']:
-                print(f"  {r['rank']:>3}  {r['score']:.4f}  {r['label']}  {r['path']}")
+                label = '-' if r['label'] is None else r['label']  # an unlabelled gallery (--no-labels)
+                print(f"  {r['rank']:>3}  {r['score']:.4f}  {label}  {r['path']}")
     if args.grid:
         save_retrieval_grid(queries.paths, [None] * len(queries), [[h.path for h in row] for row in hits],
                             [[h.label for h in row] for row in hits], args.grid)

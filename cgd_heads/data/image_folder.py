@@ -34,11 +34,21 @@ def list_class_folders(root: Path) -> List[str]:
     return sorted(names, key=lambda n: (n.casefold(), n))
 
 
-def _images_below(folder: Path) -> List[str]:
+def _images_below(folder: Path, follow_links: bool = False) -> List[str]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        # prune hidden folders in place so os.walk does not descend into them
+    seen = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=follow_links):
+        # prune hidden folders in place so os.walk does not descend into them; when links are followed, also every
+        # folder already walked (a link back up would loop, a second link to a folder would list it twice)
         dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+        if follow_links:
+            kept = []
+            for d in dirnames:
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if real not in seen:
+                    seen.add(real)
+                    kept.append(d)
+            dirnames[:] = kept
         found += [os.path.join(dirpath, f) for f in filenames if is_image_file(f)]
     return sorted(found)
 
@@ -51,13 +61,14 @@ def list_images(root: PathLike) -> List[str]:
         root: The folder.
 
     Returns:
-        The image paths (torchvision's image extensions, any case; hidden files and folders skipped).
+        The image paths (torchvision's image extensions, any case; hidden files and folders skipped; linked
+        folders followed, each folder listed once).
 
     Raises:
         FileNotFoundError: If ``root`` is missing or holds no image.
     """
     root = require_dir(root, 'image folder')
-    images = _images_below(root.resolve())
+    images = _images_below(root, follow_links=True)
     if not images:
         raise FileNotFoundError(f'{root} holds no images (extensions: {", ".join(IMG_EXTENSIONS)})')
     return images

@@ -57,8 +57,8 @@ NO_LABEL = -1
 #: The manifest fields a rerun must agree with, and what a difference means.
 _COMPARED = {
     'model_fingerprint': 'another model',
-    'list_fingerprint': 'another image list',
-    'count': 'another image list',
+    'list_fingerprint': 'another image list (other paths, or other labels: e.g. labelled vs unlabelled)',
+    'count': 'another image list (other paths, or other labels: e.g. labelled vs unlabelled)',
     'preprocessing': 'other preprocessing',
     'unit_size': 'another unit size',
 }
@@ -411,9 +411,11 @@ class EmbeddingUnits:
                     return int(shape[1])
         raise ValueError(f'{self.directory} has no finished unit with embeddings: the dimension is unknown')
 
-    def load(self) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]], Dict[str, Any]]:
+    def load(self) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[Optional[str]], Dict[str, Any]]:
         """Gather every unit: ``(embeddings, labels, paths, manifest)``, like
-        :func:`~cgd_heads.retrieval.extract.load_embeddings` (float32 ``(N, D)``, int64 ``(N,)``), in id order.
+        :func:`~cgd_heads.retrieval.extract.load_embeddings` (float32 ``(N, D)``, int64 ``(N,)``), in id order;
+        ``labels`` is None when every image has :data:`NO_LABEL` (an unlabelled gallery: as one class it would
+        make every retrieval "correct").
 
         Holds all the embeddings in memory (``4 N D`` bytes); iterate :meth:`iter_units` to stream instead.
         """
@@ -433,11 +435,14 @@ class EmbeddingUnits:
                 labels[offset:offset + n] = torch.from_numpy(unit.labels)
             paths.extend(unit.paths)
             offset += n
-        return embeddings, labels, paths, self.manifest
+        unlabelled = offset > 0 and bool((labels == NO_LABEL).all())
+        return embeddings, None if unlabelled else labels, paths, self.manifest
 
 
-def load_units(directory: PathLike) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[str]], Dict[str, Any]]:
-    """Gather a complete units folder into memory: ``(embeddings, labels, paths, manifest)``, in id order.
+def load_units(directory: PathLike
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[Optional[str]], Dict[str, Any]]:
+    """Gather a complete units folder into memory: ``(embeddings, labels, paths, manifest)``, in id order
+    (``labels`` None when no image has one, see :meth:`EmbeddingUnits.load`).
 
     Args:
         directory: A units folder (:func:`~cgd_heads.retrieval.distributed_extract.extract_units`).
@@ -468,6 +473,9 @@ def _unit_tensors(embeddings: Any, labels: Sequence[int], ids: Optional[Sequence
         raise ValueError(f'embeddings must be (n, D), got shape {emb.shape}')
     ids_arr = np.arange(start, stop, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64).reshape(-1)
     labels_arr = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if labels_arr.size and labels_arr.min() < NO_LABEL:
+        raise ValueError(f'labels must be >= 0, or NO_LABEL ({NO_LABEL}) for an image without one, got '
+                         f'{int(labels_arr.min())}')
     if not (emb.shape[0] == ids_arr.shape[0] == labels_arr.shape[0]):
         raise ValueError(f'embeddings, ids and labels must have one row per image, got {emb.shape[0]}, '
                          f'{ids_arr.shape[0]} and {labels_arr.shape[0]}')

@@ -204,6 +204,11 @@ def test_index_no_labels_indexes_a_catalogue_in_memory_and_through_units(setup, 
     assert index_main([*common, '--no-labels', '--out', str(tmp_path / 'memory')]) == 0
     assert index_main([*common, '--no-labels', '--units', str(tmp_path / 'units'), '--unit-size', '5',
                        '--out', str(tmp_path / 'streamed')]) == 0
+    # the units alone, read back into an ivf index with its lists on disk: still no labels, no class names
+    assert index_main(['--units', str(tmp_path / 'units'), '--index-type', 'ivf', '--nlist', '2', '--on-disk',
+                       '--out', str(tmp_path / 'ivf')]) == 0
+    ivf = load_index(tmp_path / 'ivf')
+    assert ivf.labels == [None] * 12 and sorted(ivf.paths) == sorted(copies) and 'class_names' not in ivf.metadata
     assert index_main(['--checkpoint', str(checkpoint), '--images', str(images), *RUNTIME,
                        '--out', str(tmp_path / 'labelled')]) == 0
     by_path = load_index(tmp_path / 'labelled')
@@ -223,3 +228,12 @@ def test_index_no_labels_indexes_a_catalogue_in_memory_and_through_units(setup, 
         assert search_main([str(query), '--index', str(tmp_path / name), '--k', '2', '--json']) == 0
         top = json.loads(capsys.readouterr().out)[0]['results']
         assert copies[top[0]['path']] == str(query) and top[0]['label'] is None
+    assert search_main([str(query), '--index', str(tmp_path / 'memory'), '--k', '2']) == 0
+    lines = capsys.readouterr().out.splitlines()  # the text output shows '-' where a label would be
+    assert len(lines) == 3 and all(line.split()[2] == '-' for line in lines[1:]), lines
+    # the same images with labels into units made without them: refused, naming why, not mixed
+    shapes = ['--checkpoint', str(checkpoint), '--images', str(images), *RUNTIME, '--units', str(tmp_path / 'u2')]
+    assert index_main([*shapes, '--no-labels', '--out', str(tmp_path / 'i2')]) == 0
+    capsys.readouterr()
+    assert index_main([*shapes, '--out', str(tmp_path / 'i3')]) == 2
+    assert 'another image list (other paths, or other labels: e.g. labelled vs unlabelled)' in capsys.readouterr().err

@@ -455,13 +455,23 @@ class TestImageFolder:
         with pytest.raises(FileNotFoundError, match='missing'):
             read_image_folder(tmp_path / 'missing')
 
-    def test_list_images_reads_every_image_at_any_depth_without_classes(self, tmp_path):
+    def test_list_images_reads_every_image_at_any_depth_without_classes(self, tmp_path, monkeypatch):
         write_folder(tmp_path / 'data')
         write_image(tmp_path / 'data' / 'loose.png')  # beside the folders: a catalogue's images
         expected = sorted(os.path.join(dirpath, f) for dirpath, dirs, files in os.walk(tmp_path / 'data')
                           for f in files if not f.startswith('.') and '.hidden_class' not in dirpath
                           and f.rsplit('.', 1)[-1].lower() in ('jpg', 'png', 'jpeg', 'bmp', 'webp'))
         assert len(expected) == 8 and list_images(tmp_path / 'data') == expected
+        # a relative root gives absolute paths, like read_image_folder's (ImageList refuses relative ones)
+        monkeypatch.chdir(tmp_path)
+        assert list_images('data') == [os.path.join(os.getcwd(), os.path.relpath(p, tmp_path)) for p in expected]
+        # linked folders are followed, each folder listed once, a link back up does not loop
+        (tmp_path / 'linked').mkdir()
+        os.symlink(tmp_path / 'data' / 'cherry', tmp_path / 'linked' / 'cars')
+        os.symlink(tmp_path / 'data' / 'cherry', tmp_path / 'linked' / 'cars_again')
+        os.symlink(tmp_path / 'linked', tmp_path / 'linked' / 'loop')
+        got = list_images(tmp_path / 'linked')
+        assert len(got) == 3 and {os.path.basename(p) for p in got} == {'1.png', '2.png', '3.bmp'}
         (tmp_path / 'none' / 'sub').mkdir(parents=True)
         (tmp_path / 'none' / 'sub' / 'notes.txt').write_text('not an image')
         with pytest.raises(FileNotFoundError, match='holds no images'):

@@ -14,7 +14,7 @@ import torch
 from cgd_heads import (EmbeddingUnits, RetrievalIndex, ShardedIndex, build_index_from_units, create_model,
                        extract_embeddings, extract_units, load_index, load_units, save_pretrained)
 from cgd_heads.data import ImageDataset, create_cgd_transform, data_config_of, read_image_folder
-from cgd_heads.retrieval import checkpoint_fingerprint, list_fingerprint, weights_fingerprint
+from cgd_heads.retrieval import NO_LABEL, checkpoint_fingerprint, list_fingerprint, weights_fingerprint
 from conftest import write_shapes_folder
 
 #: 48 images of 8 classes cut into units of 10: four full units and a last one of 8
@@ -160,6 +160,27 @@ def test_streamed_ivfpq_equals_the_in_memory_build_and_keeps_its_recall_on_a_sam
     sampled = load_index(build_index_from_units(units, tmp_path / 'sample', 'ivf', train_size=400, **options))
     full_recall, sample_recall = (_recall_at_10(index.search(queries, 10)[1], exact) for index in (memory, sampled))
     assert sample_recall >= full_recall - 0.05, (sample_recall, full_recall)
+
+
+@pytest.mark.parametrize('index_type, options', [('flat', {}), ('ivf', dict(nlist=8)),
+                                                ('ivf', dict(nlist=8, on_disk=True, shard_size=300))])
+def test_units_without_labels_give_an_index_without_labels(index_type, options, tmp_path):
+    x, labels = _clustered(n=600)
+    some = np.where(np.arange(600) % 3 == 0, NO_LABEL, labels)  # a gallery labelled in part
+    for name, stored in (('none', np.full(600, NO_LABEL)), ('some', some)):
+        units = _write_units(tmp_path / f'units_{name}', x, stored)
+        index = load_index(build_index_from_units(units, tmp_path / f'index_{name}', index_type, **options))
+        if isinstance(index, ShardedIndex):
+            got = [label for shard in index.shards for label in shard.labels]
+        else:
+            got = index.labels
+        assert got == [None if label == NO_LABEL else int(label) for label in stored]
+        emb, loaded, paths, _ = load_units(tmp_path / f'units_{name}')
+        # all unlabelled: None, as load_embeddings gives for a file without labels (one class would score 100%)
+        assert loaded is None if name == 'none' else loaded.tolist() == stored.tolist()
+        np.testing.assert_array_equal(emb.numpy(), x)
+    with pytest.raises(ValueError, match=r'labels must be >= 0, or NO_LABEL \(-1\) for an image without one, got -2'):
+        _write_units(tmp_path / 'bad', x, np.full(600, -2))
 
 
 def test_on_disk_lists_are_saved_moved_loaded_and_searched(tmp_path):
