@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
@@ -409,8 +409,17 @@ def partial_tier(args: argparse.Namespace, record) -> Tuple[List[str], int, int]
     return setup, len(maps[next(iter(maps))]['test'][1]), img_size
 
 
+#: what the results files call std: the sample standard deviation over the seeds (n - 1 in the denominator), as in
+#: report_run.py's seed tables; files written before this used numpy's default (n), converted by --render-only
+VALUES_LINE = 'Values: mean +- std in % (std: sample standard deviation over the seeds, n - 1 in the denominator).'
+OLD_VALUES_LINE = 'Values: mean +- std in %.'
+
+
 def summarise(values: List[Dict[str, float]]) -> Dict[str, Tuple[float, float]]:
-    return {k: (float(np.mean([v[k] for v in values])), float(np.std([v[k] for v in values]))) for k in METRICS}
+    """Mean and sample std (0 for one run) of each metric over the seeds."""
+    ddof = 1 if len(values) > 1 else 0
+    return {k: (float(np.mean([v[k] for v in values])), float(np.std([v[k] for v in values], ddof=ddof)))
+            for k in METRICS}
 
 
 def plot(path: Path, title: str, labels: List[str], summary: List[Dict[str, Tuple[float, float]]]) -> None:
@@ -532,7 +541,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--tag', default='', help='suffix of the results files: <dataset>_<table>[_<tier>]_<tag>.md')
     p.add_argument('--render-only', action='store_true',
                    help='rewrite <output-dir>/<dataset>_<table>.md and .png from its .json (no training): the header '
-                        'of the existing .md is kept, the table and the ordering checks are regenerated')
+                        'and any hand-written notes below the ordering checks are kept, the table and the checks '
+                        'regenerated; a file with the population std (n) of earlier versions is restated with the '
+                        'sample std (n - 1), .json included')
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.dataset not in TIERS[args.tier]:
@@ -599,24 +610,29 @@ def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: i
         + f'. Evaluated: {tested} test images, every one a query against all the others.',
         *setup,
         '- Same budget for every row.' + (f' Only the rows {args.rows} of the table were run.' if args.rows else ''),
-        f'- Seeds: {args.seeds} (off-the-shelf rows are deterministic: one run). Values: mean +- std in %.',
+        f'- Seeds: {args.seeds} (off-the-shelf rows are deterministic: one run). {VALUES_LINE}',
         f'- Command: `python benchmarks/ablations.py {shlex.join(argv)}`',  # quoted: row labels hold spaces
         f'- Machine: {device}; torch {torch.__version__}, timm {timm.__version__}; wall time {seconds / 60:.1f} min.',
         '', '| row | R@1 | R@2 | R@4 | R@8 | MAP@R |', '|---|---|---|---|---|---|',
     ]
     (out_dir / f'{stem}.json').write_text(json.dumps(
-        [{'row': label, **{k: summary[k] for k in METRICS}, 'runs': n} for label, summary, n in results],
+        [{'row': label, **{k: summary[k] for k in METRICS}, 'runs': n, 'std': 'sample'}
+         for label, summary, n in results],
         indent=2) + '\n', encoding='utf-8')
     write_table(out_dir, stem, lines, args, results)
 
 
-def write_table(out_dir: Path, stem: str, header: List[str], args: argparse.Namespace, results) -> None:
-    lines = list(header)
-    for label, summary, _ in results:
-        lines.append(f'| {label} | ' + ' | '.join(f'{100 * summary[k][0]:.2f} +- {100 * summary[k][1]:.2f}'
-                                                   for k in METRICS) + ' |')
+def table_lines(args: argparse.Namespace, results) -> List[str]:
+    """The generated part of a results file below its header: the table rows and the ordering checks."""
+    lines = [f'| {label} | ' + ' | '.join(f'{100 * summary[k][0]:.2f} +- {100 * summary[k][1]:.2f}'
+                                          for k in METRICS) + ' |' for label, summary, _ in results]
     departures = {k: getattr(args, k) for k in ('lr', 'epochs', 'img_size') if getattr(args, k) is not None}
-    lines += findings(args.table, args.tier, results, args.dataset, departures)
+    return lines + findings(args.table, args.tier, results, args.dataset, departures)
+
+
+def write_table(out_dir: Path, stem: str, header: List[str], args: argparse.Namespace, results,
+                notes: Sequence[str] = ()) -> None:
+    lines = list(header) + table_lines(args, results) + list(notes)
     (out_dir / f'{stem}.md').write_text('\n'.join(lines) + '\n', encoding='utf-8')
     plot(out_dir / f'{stem}.png', f'{args.dataset}: {args.table} ({args.tier} tier)', [r[0] for r in results],
          [r[1] for r in results])
@@ -632,10 +648,23 @@ def render(args: argparse.Namespace) -> None:
     old = md.read_text(encoding='utf-8').splitlines()
     try:
         header = old[:old.index('| row | R@1 | R@2 | R@4 | R@8 | MAP@R |') + 2]
-        results = [(r['row'], {k: tuple(r[k]) for k in METRICS}, r['runs']) for r in json.loads(js.read_text())]
+        rows = json.loads(js.read_text())
+        results = [(r['row'], {k: tuple(r[k]) for k in METRICS}, r['runs']) for r in rows]
     except (ValueError, KeyError, TypeError) as e:
         sys.exit(f'ablations: --render-only cannot read {md} / {js} as written by this script ({e!r})')
-    write_table(out_dir, stem, header, args, results)
+    # sections written by hand below the generated part are kept as they are
+    generated = table_lines(args, results)
+    if old[len(header):len(header) + len(generated)] != generated:
+        sys.exit(f'ablations: --render-only: the table or ordering checks of {md} differ from what its JSON gives '
+                 f'(edited by hand?); not rewritten')
+    notes = old[len(header) + len(generated):]
+    if any(r.get('std') != 'sample' for r in rows):  # numpy's population std (n): restate as the sample std
+        results = [(label, {k: (m, sd * (n / (n - 1)) ** 0.5 if n > 1 else sd) for k, (m, sd) in summary.items()}, n)
+                   for label, summary, n in results]
+        js.write_text(json.dumps([{'row': label, **{k: summary[k] for k in METRICS}, 'runs': n, 'std': 'sample'}
+                                  for label, summary, n in results], indent=2) + '\n', encoding='utf-8')
+        header = [line.replace(OLD_VALUES_LINE, VALUES_LINE) for line in header]
+    write_table(out_dir, stem, header, args, results, notes)
 
 
 if __name__ == '__main__':

@@ -177,7 +177,9 @@ def seed_lines(test: Dict[str, float], seed: Any, others: List[Tuple[str, Path, 
              '|---|---|---|---|---|---|']
     lines += [f'| {label} ({where}) | ' + ' | '.join(f'{100 * values[k]:.2f}' for k in METRICS) + ' |'
               for label, where, values in rows]
-    columns = {k: [100 * values[k] for _, _, values in rows] for k in METRICS}
+    # the statistics of the values as shown (2 decimals): results files of other seeds give only those, so mixing
+    # them with this run's unrounded values would make a mean or std that no reader of the table can recompute
+    columns = {k: [round(100 * values[k], 2) for _, _, values in rows] for k in METRICS}
     lines.append(f'| mean +- std ({len(rows)} seeds) | ' + ' | '.join(
         f'{statistics.mean(columns[k]):.2f} +- {statistics.stdev(columns[k]):.2f}' for k in METRICS) + ' |')
     lines += ['', 'std is the sample standard deviation over the seeds (n - 1 in the denominator).']

@@ -166,6 +166,47 @@ def test_paper_ordering_verdicts_follow_the_seed_std():
     assert '- best combined (`SG`) > best single (`G`): holds (+1.90 R@1 points, larger std 0.20).' in groups
 
 
+def test_summarise_gives_the_sample_std_over_seeds():
+    ablations = _load_ablations()
+    runs = [{k: v for k in ablations.METRICS} for v in (0.40, 0.43, 0.47)]
+    mean, std = ablations.summarise(runs)['recall@1']
+    # n - 1 in the denominator, as report_run.py's seed tables: sqrt(((-0.0333)^2 + (-0.0033)^2 + 0.0367^2) / 2)
+    assert mean == pytest.approx(0.4333333) and std == pytest.approx(0.0351188, rel=1e-5)
+    assert ablations.summarise(runs[:1])['recall@1'] == (0.40, 0.0)  # one run (off-the-shelf rows): no spread
+
+
+def test_render_only_restates_a_population_std_file_keeps_its_notes_and_refuses_hand_edits(tmp_path):
+    ablations = _load_ablations()
+    args = ['--dataset', 'cars196', '--tier', 'partial', '--table', 'combination', '--output-dir', str(tmp_path)]
+    parsed = ablations.argparse.Namespace(table='combination', tier='partial', dataset='cars196', lr=None,
+                                          epochs=None, img_size=None)
+    # a file as versions before the sample std wrote it: numpy's population std (n), no 'std' key
+    population = [summary_row(ablations, 'off-the-shelf GeM p=3 (no training)', 0.40, 0.0)[:2] + (1,),
+                  summary_row(ablations, 'concat', 0.43, 0.009), summary_row(ablations, 'sum', 0.42, 0.004)]
+    header = ['# cars196: combination', '', '- Seeds: [0, 1, 2] (off-the-shelf rows are deterministic: one run). '
+              'Values: mean +- std in %.', '', '| row | R@1 | R@2 | R@4 | R@8 | MAP@R |', '|---|---|---|---|---|---|']
+    notes = ['', '## Written by hand', '', 'concat 43.00 +- 0.50 here.']
+    md, js = tmp_path / 'cars196_combination_partial.md', tmp_path / 'cars196_combination_partial.json'
+    md.write_text('\n'.join(header + ablations.table_lines(parsed, population) + notes) + '\n')
+    js.write_text(json.dumps([{'row': label, **{k: list(v) for k, v in summary.items()}, 'runs': n}
+                              for label, summary, n in population]))
+    run('ablations.py', *args, '--render-only')
+    rows = json.loads(js.read_text())
+    factor = (3 / 2) ** 0.5  # sample / population std over 3 seeds
+    assert [r['recall@1'][1] for r in rows] == pytest.approx([0.0, 0.009 * factor, 0.004 * factor])
+    assert all(r['std'] == 'sample' for r in rows) and [r['recall@1'][0] for r in rows] == [0.40, 0.43, 0.42]
+    text = md.read_text()
+    assert f'| concat | 43.00 +- {0.9 * factor:.2f} |' in text and ablations.VALUES_LINE in text
+    assert text.endswith('\n'.join(notes) + '\n')  # the notes are the author's to restate
+    assert '`concat` > `sum`: within noise (+1.00 R@1 points, larger std 1.10)' in text  # 0.90 before: it held
+    run('ablations.py', *args, '--render-only')  # already restated: unchanged
+    assert md.read_text() == text and json.loads(js.read_text()) == rows
+    md.write_text(text.replace('| concat | 43.00', '| concat | 44.00'))
+    proc = subprocess.run([sys.executable, str(BENCH / 'ablations.py'), *args, '--render-only'], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0 and 'differ from what its JSON gives' in proc.stderr
+
+
 def test_speed_options_are_checked_against_float32():
     ablations = _load_ablations()
 
@@ -447,7 +488,9 @@ def test_report_run_tables_other_seeds_of_the_command_from_their_results_files(t
     reference = tmp_path / 'ots.json'
     reference.write_text(json.dumps([{'row': 'GeM', **{k: [v, 0.0] for k, v in (
         ('recall@1', 0.5), ('recall@2', 0.6), ('recall@4', 0.7), ('recall@8', 0.8), ('map@r', 0.1))}}]))
-    r1 = {0: 0.8023, 1: 0.8226, 2: 0.7911}
+    # seed 1 (this run) unrounded: 82.2551 shows as 82.26, and the std of the shown values (1.60) is not that of
+    # the unrounded ones (1.59): the table's statistics must be those of what it shows
+    r1 = {0: 0.8023, 1: 0.822551, 2: 0.7911}
     files = {}
     for seed in (0, 2, 1):  # the run being reported is seed 1: the table is ordered by seed, not by argument
         folder = fake_run(tmp_path / f'seed{seed}', [])
