@@ -615,11 +615,14 @@ def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: i
         f'- Machine: {device}; torch {torch.__version__}, timm {timm.__version__}; wall time {seconds / 60:.1f} min.',
         '', '| row | R@1 | R@2 | R@4 | R@8 | MAP@R |', '|---|---|---|---|---|---|',
     ]
-    (out_dir / f'{stem}.json').write_text(json.dumps(
-        [{'row': label, **{k: summary[k] for k in METRICS}, 'runs': n, 'std': 'sample'}
-         for label, summary, n in results],
-        indent=2) + '\n', encoding='utf-8')
+    write_json(out_dir / f'{stem}.json', results)
     write_table(out_dir, stem, lines, args, results)
+
+
+def write_json(path: Path, results) -> None:
+    """The results rows as JSON: per metric [mean, sample std], the number of runs, and the std's kind."""
+    path.write_text(json.dumps([{'row': label, **{k: summary[k] for k in METRICS}, 'runs': n, 'std': 'sample'}
+                                for label, summary, n in results], indent=2) + '\n', encoding='utf-8')
 
 
 def table_lines(args: argparse.Namespace, results) -> List[str]:
@@ -661,8 +664,7 @@ def render(args: argparse.Namespace) -> None:
     if any(r.get('std') != 'sample' for r in rows):  # numpy's population std (n): restate as the sample std
         results = [(label, {k: (m, sd * (n / (n - 1)) ** 0.5 if n > 1 else sd) for k, (m, sd) in summary.items()}, n)
                    for label, summary, n in results]
-        js.write_text(json.dumps([{'row': label, **{k: summary[k] for k in METRICS}, 'runs': n, 'std': 'sample'}
-                                  for label, summary, n in results], indent=2) + '\n', encoding='utf-8')
+        write_json(js, results)
         header = [line.replace(OLD_VALUES_LINE, VALUES_LINE) for line in header]
     write_table(out_dir, stem, header, args, results, notes)
 
