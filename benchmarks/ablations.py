@@ -22,6 +22,13 @@ seeds. Writes ``benchmarks/results/<dataset>_<table>.md`` (+ ``.json``) and a PN
     python benchmarks/ablations.py --dataset cars196 --table loss --epochs 1 --seeds 0 --limit-classes 8 \
         --batch-size 16 --output-dir /tmp/smoke  # seconds
 
+A table whose rows were run by several commands (``--rows ... --tag ...``) is put together, with its ordering
+checks, by a command that names their results files: rows of the same configuration and settings are taken from
+them (``--reuse``), the rest trained::
+
+    python benchmarks/ablations.py --dataset cars196 --tier partial --table architecture --epochs 8 \
+        --reuse benchmarks/results/cars196_loss_partial_e8.json --tag e8  # CGD = the loss table's both row
+
 Tables: loss (ranking / classification / both), tricks (label smoothing, temperature), architecture (A / B / CGD),
 combination (concat / sum), descriptors (S, M, G, SM, MS, SG, GS, MG, GM, SMG, GAP+FC baseline, off-the-shelf
 pooled features), stride (stripped / dilated / untouched backbone), off_the_shelf (pretrained features pooled by
@@ -509,7 +516,7 @@ def finetune_tier(args: argparse.Namespace, record) -> Tuple[List[str], int, int
     return setup, tested, img_size
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--dataset', choices=sorted(DATASETS), required=True)
     p.add_argument('--table', choices=sorted(TABLES), required=True)
@@ -544,6 +551,17 @@ def main(argv: Optional[List[str]] = None) -> None:
                         'and any hand-written notes below the ordering checks are kept, the table and the checks '
                         'regenerated; a file with the population std (n) of earlier versions is restated with the '
                         'sample std (n - 1), .json included')
+    p.add_argument('--reuse', nargs='+', type=Path, metavar='JSON',
+                   help='results files (.json, with the .md beside it) of earlier runs whose command differs from '
+                        'this one only in --table, --rows, --tag, --output-dir, --device: each row of this table '
+                        'that one of them measured (the same configuration, whatever its label there) is taken from '
+                        'it instead of trained; the off-the-shelf rows are recomputed and must agree. Puts a table '
+                        'whose rows were run by several commands together, with its ordering checks')
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.dataset not in TIERS[args.tier]:
@@ -564,6 +582,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.render_only:
         render(args)
         return
+    args.reused, references = reused_rows(p, args) if args.reuse else ({}, {})
+    if args.tier == 'heads' and not selected_rows(args):
+        p.error(f'--reuse leaves no row of --table {args.table} to run in the fast tier (it has no reference rows '
+                f'to recompute); nothing to do')
     if args.tier == 'heads' and args.table in FINETUNE_ONLY_TABLES:
         p.error(f'--table {args.table} needs --tier partial or finetune: with a frozen backbone the auxiliary '
                 f'classifier shares no parameter with the embedding, so its loss and tricks cannot change it')
@@ -577,12 +599,86 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     tier = {'heads': heads_tier, 'partial': partial_tier, 'finetune': finetune_tier}[args.tier]
     setup, tested, img_size = tier(args, record)
+    if args.reuse:
+        results = merge_reused(results, args.reused, references, args.table)
     write(args, argv, setup, tested, img_size, results, time.time() - start)
 
 
 def selected_rows(args: argparse.Namespace) -> List[Row]:
-    """The table's rows, or those named by ``--rows`` (in the table's order)."""
-    return [row for row in TABLES[args.table] if not args.rows or row[0] in args.rows]
+    """The table's rows to run: all, or those named by ``--rows`` (in the table's order), less those ``--reuse``
+    takes from earlier runs."""
+    reused = getattr(args, 'reused', {})
+    return [row for row in TABLES[args.table] if (not args.rows or row[0] in args.rows) and row[0] not in reused]
+
+
+def merge_reused(results, reused: Dict[str, Tuple[Dict, int, str]], references: Dict[str, Tuple[Dict, str]],
+                 table: str):
+    """This run's rows and the reused ones in the table's order (the reference rows first), after checking that the
+    off-the-shelf rows recomputed here agree with those of the reused files (same data, weights and code)."""
+    for label, summary, _ in results:
+        if label in references:
+            (theirs, _), (mine, _) = references[label][0]['recall@1'], summary['recall@1']
+            if abs(theirs - mine) > REUSE_TOLERANCE:
+                sys.exit(f'ablations: --reuse {references[label][1]}: its `{label}` row (R@1 {100 * theirs:.2f}) '
+                         f'differs from this run\'s ({100 * mine:.2f}): other data, weights or code; not merged')
+    merged = list(results) + [(label, summary, n) for label, (summary, n, _) in reused.items()]
+    order = [label for label, _ in OFF_THE_SHELF_ROWS + TABLES[table]]
+    return sorted(merged, key=lambda r: order.index(r[0]) if r[0] in order else -1)
+
+
+#: options that do not change what a row measures: runs differing only in these can share rows (--reuse)
+NOT_SETTINGS = ('table', 'rows', 'tag', 'output_dir', 'device', 'render_only', 'reuse')
+#: R@1 by which a recomputed off-the-shelf row may differ from a reused file's (about two queries of CARS196's test
+#: half: thread counts can flip a tie), before the file is taken to come from other data, weights or code
+REUSE_TOLERANCE = 5e-4
+
+
+def row_config(overrides: Dict[str, object]) -> Dict[str, object]:
+    """What a row trains, with the tiers' defaults spelled out: the loss table's ``ranking + classification``, the
+    architecture table's ``CGD`` and the descriptors table's ``SG`` are one configuration."""
+    return {'stride_mode': 'strip', 'descriptors': 'SG', **overrides}
+
+
+def reused_rows(p: argparse.ArgumentParser, args: argparse.Namespace
+                ) -> Tuple[Dict[str, Tuple[Dict, int, str]], Dict[str, Tuple[Dict, str]]]:
+    """Rows of this table measured by the ``--reuse`` files: label -> (summary, runs, where it comes from), and the
+    files' off-the-shelf rows: label -> (summary, file).
+
+    A file qualifies when the command in its .md parses to the same settings as this run's, seeds included (the
+    rows stay paired); a row is taken when its configuration (:func:`row_config`) equals one of this table's rows,
+    which are then not trained. The off-the-shelf rows are left to the tier (deterministic, cheap) and compared
+    with the file's in :func:`merge_reused`.
+    """
+    wanted = {label: row_config(o) for label, o in selected_rows(args) if 'off_the_shelf' not in o}
+    mine = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS + ('reused',)}
+    out: Dict[str, Tuple[Dict, int, str]] = {}
+    references: Dict[str, Tuple[Dict, str]] = {}
+    for js in args.reuse:
+        md = js.with_suffix('.md')
+        try:
+            rows = {r['row']: ({k: tuple(r[k]) for k in METRICS}, r['runs']) for r in json.loads(js.read_text())}
+            command = next(line for line in md.read_text(encoding='utf-8').splitlines()
+                           if line.startswith('- Command: `python benchmarks/ablations.py '))
+            theirs = p.parse_args(shlex.split(command.split('ablations.py ', 1)[1].rstrip('`')))
+        except (OSError, ValueError, KeyError, TypeError, StopIteration, SystemExit) as e:
+            p.error(f'--reuse {js}: not a results .json with its .md beside it, as this script writes them ({e!r})')
+        if any(r.get('std') != 'sample' for r in json.loads(js.read_text())):
+            p.error(f'--reuse {js}: its stds are the population std of earlier versions; restate it first with its '
+                    f'own command and --render-only')
+        differ = sorted(k for k, v in vars(theirs).items() if k not in NOT_SETTINGS and mine.get(k) != v)
+        if differ:
+            p.error(f'--reuse {js}: its run differs from this one in {["--" + k.replace("_", "-") for k in differ]} '
+                    f'(only --table, --rows, --tag, --output-dir and --device may differ)')
+        found = 0
+        for their_label, overrides in TABLES[theirs.table]:
+            for label in [lab for lab, config in wanted.items() if config == row_config(overrides)]:
+                if their_label in rows and label not in out:
+                    out[label] = (*rows[their_label], f'`{their_label}` of {md.name}')
+                    found += 1
+        if not found:
+            p.error(f'--reuse {js}: none of its rows is a row of --table {args.table} still to run')
+        references.update({label: (rows[label][0], md.name) for label in rows if label.startswith('off-the-shelf')})
+    return out, references
 
 
 def results_stem(args: argparse.Namespace) -> str:
@@ -609,7 +705,10 @@ def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: i
         + (f'; SMOKE RUN limited to the first {args.limit_classes} classes of each split' if args.limit_classes else '')
         + f'. Evaluated: {tested} test images, every one a query against all the others.',
         *setup,
-        '- Same budget for every row.' + (f' Only the rows {args.rows} of the table were run.' if args.rows else ''),
+        '- Same budget for every row.' + (f' Only the rows {args.rows} of the table '
+                                          f'{"are shown" if getattr(args, "reused", None) else "were run"}.'
+                                          if args.rows else ''),
+        *reuse_lines(getattr(args, 'reused', {})),
         f'- Seeds: {args.seeds} (off-the-shelf rows are deterministic: one run). {VALUES_LINE}',
         f'- Command: `python benchmarks/ablations.py {shlex.join(argv)}`',  # quoted: row labels hold spaces
         f'- Machine: {device}; torch {torch.__version__}, timm {timm.__version__}; wall time {seconds / 60:.1f} min.',
@@ -617,6 +716,16 @@ def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: i
     ]
     write_json(out_dir / f'{stem}.json', results)
     write_table(out_dir, stem, lines, args, results)
+
+
+def reuse_lines(reused: Dict[str, Tuple[Dict, int, str]]) -> List[str]:
+    """The header line naming the rows ``--reuse`` took from earlier runs, and from which row of which file."""
+    if not reused:
+        return []
+    return ['- Rows taken from earlier runs of the same settings and seeds (`--reuse`), not trained by this command: '
+            + '; '.join(f'`{label}` ({source})' for label, (_, _, source) in reused.items())
+            + '. Off-the-shelf rows both runs have were recomputed and checked against theirs; the wall time below '
+              'is this command\'s.']
 
 
 def write_json(path: Path, results) -> None:

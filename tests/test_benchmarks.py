@@ -111,6 +111,48 @@ def test_ablations_partial_tier_runs_the_loss_table(tmp_path):
                     '| off-the-shelf GeM p=3 (no training)', '| classification only']
 
 
+@needs_cars196
+@needs_lite0_weights
+def test_ablations_reuse_takes_a_row_of_the_same_settings_from_another_table(tmp_path):
+    smoke = ['--dataset', 'cars196', '--tier', 'partial', '--epochs', '1', '--seeds', '0', '--limit-classes', '4',
+             '--batch-size', '8', '--embed-dim', '16', '--img-size', '32', '--output-dir', str(tmp_path)]
+    run('ablations.py', *smoke, '--table', 'loss', '--rows', 'ranking + classification', '--tag', 'cgd')
+    earlier = tmp_path / 'cars196_loss_partial_cgd.json'
+    cgd = {r['row']: r for r in json.loads(earlier.read_text())}['ranking + classification']
+    # the loss table's "ranking + classification" is the architecture table's CGD: taken, B trained
+    run('ablations.py', *smoke, '--table', 'architecture', '--rows', 'B: concat pooled -> one FC', 'CGD',
+        '--reuse', str(earlier), '--tag', 'merged')
+    merged = tmp_path / 'cars196_architecture_partial_merged'
+    rows = {r['row']: r for r in json.loads(merged.with_suffix('.json').read_text())}
+    assert list(rows) == ['off-the-shelf GAP (no training)', 'off-the-shelf MAC (no training)',
+                          'off-the-shelf GeM p=3 (no training)', 'B: concat pooled -> one FC', 'CGD']
+    def values(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k != 'row'}
+
+    assert values(rows['CGD']) == values(cgd) and values(rows['B: concat pooled -> one FC']) != values(cgd)
+    text = merged.with_suffix('.md').read_text()
+    assert '`CGD` (`ranking + classification` of cars196_loss_partial_cgd.md)' in text
+    assert '- `CGD` > `B: concat pooled -> one FC`: ' in text  # the ordering checked across the two commands
+    # another budget (or other seeds) would unpair the rows: refused, naming the option
+    two_epochs = [('2' if prev == '--epochs' else a) for prev, a in zip([''] + smoke, smoke)]
+    stderr = refused('ablations.py', *two_epochs, '--table', 'architecture', '--reuse', str(earlier))
+    assert "its run differs from this one in ['--epochs']" in stderr
+    stderr = refused('ablations.py', *smoke, '--table', 'combination', '--rows', 'sum', '--reuse', str(earlier))
+    assert 'none of its rows is a row of --table combination still to run' in stderr
+
+
+def test_ablations_reuse_refuses_a_file_whose_reference_rows_disagree():
+    ablations = _load_ablations()
+    mine = [summary_row(ablations, 'off-the-shelf GAP (no training)', 0.374, 0.0)]
+    reused = {'CGD': (summary_row(ablations, 'CGD', 0.43, 0.004)[1], 3, '`ranking + classification` of x.md')}
+    agree = {'off-the-shelf GAP (no training)': (summary_row(ablations, '', 0.3742, 0.0)[1], 'x.md')}
+    merged = ablations.merge_reused(mine, reused, agree, 'architecture')
+    assert [label for label, _, _ in merged] == ['off-the-shelf GAP (no training)', 'CGD']
+    disagree = {'off-the-shelf GAP (no training)': (summary_row(ablations, '', 0.38, 0.0)[1], 'x.md')}
+    with pytest.raises(SystemExit, match='other data, weights or code'):
+        ablations.merge_reused(mine, reused, disagree, 'architecture')
+
+
 def test_ablations_refuses_classifier_settings_on_the_tricks_table(tmp_path):
     stderr = refused('ablations.py', '--dataset', 'cars196', '--table', 'tricks', '--tier', 'partial',
                      '--label-smoothing', '0', '--output-dir', str(tmp_path))
