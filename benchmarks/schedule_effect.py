@@ -63,7 +63,7 @@ def main() -> None:
               f'- Command: `{shlex.join(["python", "benchmarks/schedule_effect.py"] + sys.argv[1:])}`',
               f'- Row: {rows[args.row]} on the fine-tuning tier budget {ablations.FINETUNE_BUDGET["omniglot"]} '
               f'(ResNet-18 from scratch, batches of 64 = 16 classes x 4, cosine to 0, last epoch tested on small2, '
-              f'3,120 queries); std over seeds (numpy, population).',
+              f'3,120 queries); std over seeds: the sample standard deviation (n - 1), as in the ablation tables.',
               f'- Wall time {(time.time() - start) / 60:.1f} min on the 2-core CPU.', '']
     Path(args.output).write_text('\n'.join(header + lines) + '\n')
     print(f'wrote {args.output}')
