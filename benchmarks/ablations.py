@@ -27,7 +27,8 @@ checks, by a command that names their results files: rows of the same configurat
 them (``--reuse``), the rest trained::
 
     python benchmarks/ablations.py --dataset cars196 --tier partial --table architecture --epochs 8 \
-        --reuse benchmarks/results/cars196_loss_partial_e8.json --tag e8  # CGD = the loss table's both row
+        --temperature 1 --label-smoothing 0 --tag notricks_e8_all \
+        --reuse benchmarks/results/cars196_loss_partial_notricks_e8.json  # CGD: the loss table's both row
 
 Tables: loss (ranking / classification / both), tricks (label smoothing, temperature), architecture (A / B / CGD),
 combination (concat / sum), descriptors (S, M, G, SM, MS, SG, GS, MG, GM, SMG, GAP+FC baseline, off-the-shelf
@@ -48,7 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
@@ -516,8 +517,8 @@ def finetune_tier(args: argparse.Namespace, record) -> Tuple[List[str], int, int
     return setup, tested, img_size
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def build_parser(cls: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = cls(description=__doc__.split('\n\n')[0])
     p.add_argument('--dataset', choices=sorted(DATASETS), required=True)
     p.add_argument('--table', choices=sorted(TABLES), required=True)
     p.add_argument('--tier', choices=sorted(TIERS), default='heads')
@@ -582,13 +583,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.render_only:
         render(args)
         return
-    args.reused, references = reused_rows(p, args) if args.reuse else ({}, {})
-    if args.tier == 'heads' and not selected_rows(args):
-        p.error(f'--reuse leaves no row of --table {args.table} to run in the fast tier (it has no reference rows '
-                f'to recompute); nothing to do')
     if args.tier == 'heads' and args.table in FINETUNE_ONLY_TABLES:
         p.error(f'--table {args.table} needs --tier partial or finetune: with a frozen backbone the auxiliary '
                 f'classifier shares no parameter with the embedding, so its loss and tricks cannot change it')
+    reused = read_reused(p, args) if args.reuse else None
+    args.reused = reused.rows if reused else {}
+    if args.tier == 'heads' and not selected_rows(args):
+        p.error(f'--reuse leaves no row of --table {args.table} to run: the fast tier recomputes no reference row '
+                f'to check the files against; leave one row to train (--rows)')
     start = time.time()
     results: List[Tuple[str, Dict[str, Tuple[float, float]], int]] = []
 
@@ -599,9 +601,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     tier = {'heads': heads_tier, 'partial': partial_tier, 'finetune': finetune_tier}[args.tier]
     setup, tested, img_size = tier(args, record)
-    if args.reuse:
-        results = merge_reused(results, args.reused, references, args.table)
-    write(args, argv, setup, tested, img_size, results, time.time() - start)
+    header = header_lines(args, argv, setup, tested, img_size, time.time() - start)
+    if reused:
+        results = merge_reused(results, reused, args.table, header)
+    write(args, header, results)
 
 
 def selected_rows(args: argparse.Namespace) -> List[Row]:
@@ -611,26 +614,31 @@ def selected_rows(args: argparse.Namespace) -> List[Row]:
     return [row for row in TABLES[args.table] if (not args.rows or row[0] in args.rows) and row[0] not in reused]
 
 
-def merge_reused(results, reused: Dict[str, Tuple[Dict, int, str]], references: Dict[str, Tuple[Dict, str]],
-                 table: str):
-    """This run's rows and the reused ones in the table's order (the reference rows first), after checking that the
-    off-the-shelf rows recomputed here agree with those of the reused files (same data, weights and code)."""
-    for label, summary, _ in results:
-        if label in references:
-            (theirs, _), (mine, _) = references[label][0]['recall@1'], summary['recall@1']
-            if abs(theirs - mine) > REUSE_TOLERANCE:
-                sys.exit(f'ablations: --reuse {references[label][1]}: its `{label}` row (R@1 {100 * theirs:.2f}) '
-                         f'differs from this run\'s ({100 * mine:.2f}): other data, weights or code; not merged')
-    merged = list(results) + [(label, summary, n) for label, (summary, n, _) in reused.items()]
-    order = [label for label, _ in OFF_THE_SHELF_ROWS + TABLES[table]]
-    return sorted(merged, key=lambda r: order.index(r[0]) if r[0] in order else -1)
-
-
-#: options that do not change what a row measures: runs differing only in these can share rows (--reuse)
+#: options that do not change what a row measures: runs differing only in these can share rows (--reuse); the
+#: device is compared through the files' Machine lines (CPU or which GPU)
 NOT_SETTINGS = ('table', 'rows', 'tag', 'output_dir', 'device', 'render_only', 'reuse')
-#: R@1 by which a recomputed off-the-shelf row may differ from a reused file's (about two queries of CARS196's test
+#: header lines that state the settings as resolved (defaults filled in); a reused file's must read as this run's
+SETTING_LINES = ('- Protocol:', '- Network:', '- Training:', '- Backbone:', '- Head training:')
+#: R@1 by which a recomputed reference row may differ from a reused file's (about two queries of CARS196's test
 #: half: thread counts can flip a tie), before the file is taken to come from other data, weights or code
 REUSE_TOLERANCE = 5e-4
+
+
+class Reused(NamedTuple):
+    """What ``--reuse`` takes from earlier results files."""
+    #: this table's label -> (summary, runs, its row and file)
+    rows: Dict[str, Tuple[Dict[str, Tuple[float, float]], int, str]]
+    #: (label, R@1 mean, file) of the reference rows (off-the-shelf, untrained) of every file
+    references: List[Tuple[str, float, str]]
+    #: file -> its header lines that state settings and machine
+    headers: Dict[str, List[str]]
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """A parser that raises instead of printing usage and exiting: for commands read from results files."""
+
+    def error(self, message: str):
+        raise ValueError(message)
 
 
 def row_config(overrides: Dict[str, object]) -> Dict[str, object]:
@@ -639,32 +647,47 @@ def row_config(overrides: Dict[str, object]) -> Dict[str, object]:
     return {'stride_mode': 'strip', 'descriptors': 'SG', **overrides}
 
 
-def reused_rows(p: argparse.ArgumentParser, args: argparse.Namespace
-                ) -> Tuple[Dict[str, Tuple[Dict, int, str]], Dict[str, Tuple[Dict, str]]]:
-    """Rows of this table measured by the ``--reuse`` files: label -> (summary, runs, where it comes from), and the
-    files' off-the-shelf rows: label -> (summary, file).
+def _read_results(js: Path):
+    """A results file's rows, command (parsed) and setting lines; ValueError naming what is wrong."""
+    md = js.with_suffix('.md')
+    try:
+        rows = json.loads(js.read_text(encoding='utf-8'))
+        lines = md.read_text(encoding='utf-8').splitlines()
+    except (OSError, ValueError) as e:
+        raise ValueError(f'cannot read it and the .md beside it ({e})') from e
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and 'row' in r and 'runs' in r for r in rows):
+        raise ValueError('not a results .json as this script writes them')
+    if any(r.get('std') != 'sample' for r in rows):
+        raise ValueError('its stds are the population std of earlier versions; restate it first with its own command '
+                         'and --render-only')
+    command = [line for line in lines if line.startswith('- Command: `python benchmarks/ablations.py ')]
+    if not command:
+        raise ValueError(f'{md.name} has no "- Command:" line of this script')
+    try:
+        theirs = build_parser(_RaisingParser).parse_args(shlex.split(command[0].split('ablations.py ', 1)[1][:-1]))
+    except ValueError as e:
+        raise ValueError(f'its command does not parse: {e}') from e
+    settings = [line.split('; torch')[0] if line.startswith('- Machine:') else line
+                for line in lines if line.startswith(SETTING_LINES + ('- Machine:',))]
+    return {r['row']: ({k: tuple(r[k]) for k in METRICS}, r['runs']) for r in rows}, theirs, settings
 
-    A file qualifies when the command in its .md parses to the same settings as this run's, seeds included (the
-    rows stay paired); a row is taken when its configuration (:func:`row_config`) equals one of this table's rows,
-    which are then not trained. The off-the-shelf rows are left to the tier (deterministic, cheap) and compared
-    with the file's in :func:`merge_reused`.
+
+def read_reused(p: argparse.ArgumentParser, args: argparse.Namespace) -> Reused:
+    """Rows of this table measured by the ``--reuse`` files.
+
+    A file qualifies when the command in its .md parses to the same options as this run's but for
+    :data:`NOT_SETTINGS` (seeds included: the rows stay paired); a row is taken when its configuration
+    (:func:`row_config`) equals one of this table's rows, which are then not trained. What the options resolve to
+    (defaults, the machine) is compared after the run, in :func:`merge_reused`, with the reference rows.
     """
     wanted = {label: row_config(o) for label, o in selected_rows(args) if 'off_the_shelf' not in o}
     mine = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS + ('reused',)}
-    out: Dict[str, Tuple[Dict, int, str]] = {}
-    references: Dict[str, Tuple[Dict, str]] = {}
+    reused = Reused({}, [], {})
     for js in args.reuse:
-        md = js.with_suffix('.md')
         try:
-            rows = {r['row']: ({k: tuple(r[k]) for k in METRICS}, r['runs']) for r in json.loads(js.read_text())}
-            command = next(line for line in md.read_text(encoding='utf-8').splitlines()
-                           if line.startswith('- Command: `python benchmarks/ablations.py '))
-            theirs = p.parse_args(shlex.split(command.split('ablations.py ', 1)[1].rstrip('`')))
-        except (OSError, ValueError, KeyError, TypeError, StopIteration, SystemExit) as e:
-            p.error(f'--reuse {js}: not a results .json with its .md beside it, as this script writes them ({e!r})')
-        if any(r.get('std') != 'sample' for r in json.loads(js.read_text())):
-            p.error(f'--reuse {js}: its stds are the population std of earlier versions; restate it first with its '
-                    f'own command and --render-only')
+            rows, theirs, reused.headers[js.with_suffix('.md').name] = _read_results(js)
+        except ValueError as e:
+            p.error(f'--reuse {js}: {e}')
         differ = sorted(k for k, v in vars(theirs).items() if k not in NOT_SETTINGS and mine.get(k) != v)
         if differ:
             p.error(f'--reuse {js}: its run differs from this one in {["--" + k.replace("_", "-") for k in differ]} '
@@ -672,13 +695,54 @@ def reused_rows(p: argparse.ArgumentParser, args: argparse.Namespace
         found = 0
         for their_label, overrides in TABLES[theirs.table]:
             for label in [lab for lab, config in wanted.items() if config == row_config(overrides)]:
-                if their_label in rows and label not in out:
-                    out[label] = (*rows[their_label], f'`{their_label}` of {md.name}')
+                if their_label in rows and label not in reused.rows:
+                    reused.rows[label] = (*rows[their_label], f'`{their_label}` of {js.with_suffix(".md").name}')
                     found += 1
         if not found:
             p.error(f'--reuse {js}: none of its rows is a row of --table {args.table} still to run')
-        references.update({label: (rows[label][0], md.name) for label in rows if label.startswith('off-the-shelf')})
-    return out, references
+        reused.references += [(label, summary['recall@1'][0], js.with_suffix('.md').name)
+                              for label, (summary, _) in rows.items() if label.startswith(REFERENCE_ROWS)]
+    return reused
+
+
+#: rows without training: deterministic, recomputed by every run, so they check that reused files match this one
+REFERENCE_ROWS = ('off-the-shelf', 'untrained')
+
+
+def merge_reused(results, reused: Reused, table: str, header: List[str]):
+    """This run's rows and the reused ones in the table's order (the reference rows first).
+
+    Exits when a reused file's settings as resolved (its Protocol / Network / Training lines, the machine: CPU or
+    which GPU) differ from this run's, or a reference row both have differs by more than :data:`REUSE_TOLERANCE`.
+    """
+    mine = [line.split('; torch')[0] if line.startswith('- Machine:') else line
+            for line in header if line.startswith(SETTING_LINES + ('- Machine:',))]
+    kind = [line if not line.startswith('- Machine: CPU') else '- Machine: CPU' for line in mine]
+    for name, theirs in reused.headers.items():
+        if [line if not line.startswith('- Machine: CPU') else '- Machine: CPU' for line in theirs] != kind:
+            differ = sorted(set(theirs) ^ set(mine))
+            sys.exit(f'ablations: --reuse {name}: its settings as resolved differ from this run\'s: {differ}; '
+                     f'not merged')
+    computed = {label: summary['recall@1'][0] for label, summary, _ in results}
+    for label, theirs, name in reused.references:
+        if label in computed and abs(theirs - computed[label]) > REUSE_TOLERANCE:
+            sys.exit(f'ablations: --reuse {name}: its `{label}` row (R@1 {100 * theirs:.2f}) differs from this '
+                     f'run\'s ({100 * computed[label]:.2f}): other data, weights or code; not merged')
+    checked = sorted({label for label, _, _ in reused.references if label in computed})
+    header.insert(next(i for i, line in enumerate(header) if line.startswith('- Seeds:')),
+                  reuse_line(reused, checked))
+    merged = list(results) + [(label, summary, n) for label, (summary, n, _) in reused.rows.items()]
+    order = [label for label, _ in OFF_THE_SHELF_ROWS + TABLES[table]]
+    return sorted(merged, key=lambda r: order.index(r[0]) if r[0] in order else -1)
+
+
+def reuse_line(reused: Reused, checked: List[str]) -> str:
+    """The header line naming the rows ``--reuse`` took from earlier runs, and from which row of which file."""
+    return ('- Rows taken from earlier runs of the same settings and seeds (`--reuse`), not trained by this command: '
+            + '; '.join(f'`{label}` ({source})' for label, (_, _, source) in reused.rows.items()) + '. '
+            + (f'Recomputed here and equal to the files\' (within {100 * REUSE_TOLERANCE:.2f} R@1): {checked}; '
+               if checked else 'No reference row recomputed here to check them against; ')
+            + 'the wall time below is this command\'s.')
 
 
 def results_stem(args: argparse.Namespace) -> str:
@@ -689,17 +753,15 @@ def results_stem(args: argparse.Namespace) -> str:
         (f'_{args.tag}' if args.tag else '')
 
 
-def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: int, img_size: int, results,
-          seconds: float) -> None:
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = results_stem(args)
+def header_lines(args: argparse.Namespace, argv: List[str], setup: List[str], tested: int, img_size: int,
+                 seconds: float) -> List[str]:
+    """A results file's lines above its table: what was run, how, where and for how long."""
     device = torch.cuda.get_device_name() if args.device != 'cpu' and torch.cuda.is_available() else \
         f'CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)'
     tier = {'heads': 'fast tier: heads trained on frozen feature maps',
             'partial': 'partial tier: last stage + head trained on cached maps of the frozen early stages',
             'finetune': 'fine-tuning tier: whole network trained end to end'}[args.tier]
-    lines = [
+    return [
         f'# {args.dataset}: {args.table} ({tier})', '',
         f'- Protocol: {DATASETS[args.dataset][5].format(size=img_size)}'
         + (f'; SMOKE RUN limited to the first {args.limit_classes} classes of each split' if args.limit_classes else '')
@@ -708,24 +770,19 @@ def write(args: argparse.Namespace, argv: List[str], setup: List[str], tested: i
         '- Same budget for every row.' + (f' Only the rows {args.rows} of the table '
                                           f'{"are shown" if getattr(args, "reused", None) else "were run"}.'
                                           if args.rows else ''),
-        *reuse_lines(getattr(args, 'reused', {})),
         f'- Seeds: {args.seeds} (off-the-shelf rows are deterministic: one run). {VALUES_LINE}',
         f'- Command: `python benchmarks/ablations.py {shlex.join(argv)}`',  # quoted: row labels hold spaces
         f'- Machine: {device}; torch {torch.__version__}, timm {timm.__version__}; wall time {seconds / 60:.1f} min.',
         '', '| row | R@1 | R@2 | R@4 | R@8 | MAP@R |', '|---|---|---|---|---|---|',
     ]
+
+
+def write(args: argparse.Namespace, header: List[str], results) -> None:
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_stem(args)
     write_json(out_dir / f'{stem}.json', results)
-    write_table(out_dir, stem, lines, args, results)
-
-
-def reuse_lines(reused: Dict[str, Tuple[Dict, int, str]]) -> List[str]:
-    """The header line naming the rows ``--reuse`` took from earlier runs, and from which row of which file."""
-    if not reused:
-        return []
-    return ['- Rows taken from earlier runs of the same settings and seeds (`--reuse`), not trained by this command: '
-            + '; '.join(f'`{label}` ({source})' for label, (_, _, source) in reused.items())
-            + '. Off-the-shelf rows both runs have were recomputed and checked against theirs; the wall time below '
-              'is this command\'s.']
+    write_table(out_dir, stem, header, args, results)
 
 
 def write_json(path: Path, results) -> None:

@@ -120,37 +120,78 @@ def test_ablations_reuse_takes_a_row_of_the_same_settings_from_another_table(tmp
     earlier = tmp_path / 'cars196_loss_partial_cgd.json'
     cgd = {r['row']: r for r in json.loads(earlier.read_text())}['ranking + classification']
     # the loss table's "ranking + classification" is the architecture table's CGD: taken, B trained
-    run('ablations.py', *smoke, '--table', 'architecture', '--rows', 'B: concat pooled -> one FC', 'CGD',
-        '--reuse', str(earlier), '--tag', 'merged')
+    proc = run('ablations.py', *smoke, '--table', 'architecture', '--rows', 'B: concat pooled -> one FC', 'CGD',
+               '--reuse', str(earlier), '--tag', 'merged')
+    assert '\nCGD ' not in proc.stdout and '\nB: concat pooled -> one FC ' in proc.stdout  # what was trained
     merged = tmp_path / 'cars196_architecture_partial_merged'
-    rows = {r['row']: r for r in json.loads(merged.with_suffix('.json').read_text())}
-    assert list(rows) == ['off-the-shelf GAP (no training)', 'off-the-shelf MAC (no training)',
-                          'off-the-shelf GeM p=3 (no training)', 'B: concat pooled -> one FC', 'CGD']
+    rows = json.loads(merged.with_suffix('.json').read_text())
+    assert [r['row'] for r in rows] == ['off-the-shelf GAP (no training)', 'off-the-shelf MAC (no training)',
+                                        'off-the-shelf GeM p=3 (no training)', 'B: concat pooled -> one FC', 'CGD']
+
     def values(row: dict) -> dict:
         return {k: v for k, v in row.items() if k != 'row'}
 
-    assert values(rows['CGD']) == values(cgd) and values(rows['B: concat pooled -> one FC']) != values(cgd)
+    assert values(rows[-1]) == values(cgd) and values(rows[-2]) != values(cgd)
     text = merged.with_suffix('.md').read_text()
     assert '`CGD` (`ranking + classification` of cars196_loss_partial_cgd.md)' in text
+    assert "equal to the files' (within 0.05 R@1): ['off-the-shelf GAP (no training)'," in text
     assert '- `CGD` > `B: concat pooled -> one FC`: ' in text  # the ordering checked across the two commands
+
+
+def _results_file(tmp_path: Path, command: str, std: str = 'sample') -> Path:
+    """A results .json / .md pair as ablations.py writes them (the lines --reuse reads), without running it."""
+    js = tmp_path / 'cars196_loss_partial_x.json'
+    js.write_text(json.dumps([{'row': 'ranking + classification', 'runs': 3, 'std': std,
+                               **{k: [0.43, 0.004] for k in ('recall@1', 'recall@2', 'recall@4', 'recall@8',
+                                                            'map@r')}}]))
+    js.with_suffix('.md').write_text(f'# cars196: loss\n\n- Command: `python benchmarks/ablations.py {command}`\n')
+    return js
+
+
+def test_ablations_reuse_refuses_files_of_other_settings_before_training(tmp_path):
+    base = ['--dataset', 'cars196', '--tier', 'partial', '--epochs', '8', '--output-dir', str(tmp_path)]
+    js = _results_file(tmp_path, "--dataset cars196 --tier partial --table loss --rows 'ranking + classification' "
+                                 "--epochs 8 --tag x")
     # another budget (or other seeds) would unpair the rows: refused, naming the option
-    two_epochs = [('2' if prev == '--epochs' else a) for prev, a in zip([''] + smoke, smoke)]
-    stderr = refused('ablations.py', *two_epochs, '--table', 'architecture', '--reuse', str(earlier))
-    assert "its run differs from this one in ['--epochs']" in stderr
-    stderr = refused('ablations.py', *smoke, '--table', 'combination', '--rows', 'sum', '--reuse', str(earlier))
-    assert 'none of its rows is a row of --table combination still to run' in stderr
+    other = [('4' if prev == '--epochs' else a) for prev, a in zip([''] + base, base)]
+    assert "its run differs from this one in ['--epochs']" in refused('ablations.py', *other, '--table',
+                                                                      'architecture', '--reuse', str(js))
+    assert "differs from this one in ['--seeds']" in refused('ablations.py', *base, '--seeds', '0', '--table',
+                                                            'architecture', '--reuse', str(js))
+    assert 'none of its rows is a row of --table combination still to run' in refused(
+        'ablations.py', *base, '--table', 'combination', '--rows', 'sum', '--reuse', str(js))
+    assert 'restate it first' in refused('ablations.py', *base, '--table', 'architecture', '--reuse',
+                                         str(_results_file(tmp_path, '--dataset cars196 --table loss', 'population')))
+    assert 'its command does not parse: unrecognized arguments: --tabel' in refused(
+        'ablations.py', *base, '--table', 'architecture', '--reuse',
+        str(_results_file(tmp_path, '--dataset cars196 --tabel loss --table loss')))
+    assert 'cannot read it and the .md beside it' in refused('ablations.py', *base, '--table', 'architecture',
+                                                             '--reuse', str(tmp_path / 'missing.json'))
 
 
-def test_ablations_reuse_refuses_a_file_whose_reference_rows_disagree():
+def test_ablations_reuse_merges_only_files_whose_settings_and_reference_rows_agree():
     ablations = _load_ablations()
+    header = ['- Protocol: p', '- Network: n', '- Training: t', '- Seeds: [0, 1, 2]',
+              '- Machine: CPU (x86_64, 2 cores); torch 2; wall time 1 min.']
     mine = [summary_row(ablations, 'off-the-shelf GAP (no training)', 0.374, 0.0)]
-    reused = {'CGD': (summary_row(ablations, 'CGD', 0.43, 0.004)[1], 3, '`ranking + classification` of x.md')}
-    agree = {'off-the-shelf GAP (no training)': (summary_row(ablations, '', 0.3742, 0.0)[1], 'x.md')}
-    merged = ablations.merge_reused(mine, reused, agree, 'architecture')
+    cgd = summary_row(ablations, 'CGD', 0.43, 0.004)[1]
+
+    def reused(reference: float, network: str = '- Network: n', machine: str = '- Machine: CPU (x86_64, 16 cores)'):
+        return ablations.Reused({'CGD': (cgd, 3, '`ranking + classification` of x.md')},
+                                [('off-the-shelf GAP (no training)', reference, 'x.md')],
+                                {'x.md': ['- Protocol: p', network, '- Training: t', machine]})
+
+    lines = list(header)
+    merged = ablations.merge_reused(mine, reused(0.3742), 'architecture', lines)  # another CPU: the same kind
     assert [label for label, _, _ in merged] == ['off-the-shelf GAP (no training)', 'CGD']
-    disagree = {'off-the-shelf GAP (no training)': (summary_row(ablations, '', 0.38, 0.0)[1], 'x.md')}
+    assert lines[3].startswith('- Rows taken from earlier runs') and '`CGD` (`ranking + classification` of x.md)' \
+        in lines[3] and lines[4] == '- Seeds: [0, 1, 2]'
     with pytest.raises(SystemExit, match='other data, weights or code'):
-        ablations.merge_reused(mine, reused, disagree, 'architecture')
+        ablations.merge_reused(mine, reused(0.38), 'architecture', list(header))
+    with pytest.raises(SystemExit, match='settings as resolved differ'):
+        ablations.merge_reused(mine, reused(0.374, network='- Network: m'), 'architecture', list(header))
+    with pytest.raises(SystemExit, match='settings as resolved differ'):  # a GPU's bf16 rows with CPU float32 ones
+        ablations.merge_reused(mine, reused(0.374, machine='- Machine: NVIDIA H200'), 'architecture', list(header))
 
 
 def test_ablations_refuses_classifier_settings_on_the_tricks_table(tmp_path):
