@@ -696,12 +696,14 @@ def read_reused(p: argparse.ArgumentParser, args: argparse.Namespace) -> Reused:
         for their_label, overrides in TABLES[theirs.table]:
             for label in [lab for lab, config in wanted.items() if config == row_config(overrides)]:
                 if their_label in rows and label not in reused.rows:
-                    reused.rows[label] = (*rows[their_label], f'`{their_label}` of {js.with_suffix(".md").name}')
+                    name = js.with_suffix('.md').name
+                    reused.rows[label] = (*rows[their_label],
+                                          name if their_label == label else f'`{their_label}` of {name}')
                     found += 1
         if not found:
             p.error(f'--reuse {js}: none of its rows is a row of --table {args.table} still to run')
-        reused.references += [(label, summary['recall@1'][0], js.with_suffix('.md').name)
-                              for label, (summary, _) in rows.items() if label.startswith(REFERENCE_ROWS)]
+        reused.references.extend((label, summary['recall@1'][0], js.with_suffix('.md').name)
+                                 for label, (summary, _) in rows.items() if label.startswith(REFERENCE_ROWS))
     return reused
 
 
