@@ -622,6 +622,8 @@ SETTING_LINES = ('- Protocol:', '- Network:', '- Training:', '- Backbone:', '- H
 #: R@1 by which a recomputed reference row may differ from a reused file's (about two queries of CARS196's test
 #: half: thread counts can flip a tie), before the file is taken to come from other data, weights or code
 REUSE_TOLERANCE = 5e-4
+#: rows without training: deterministic, recomputed by every run, so they check that reused files match this one
+REFERENCE_ROWS = ('off-the-shelf', 'untrained')
 
 
 class Reused(NamedTuple):
@@ -630,7 +632,7 @@ class Reused(NamedTuple):
     rows: Dict[str, Tuple[Dict[str, Tuple[float, float]], int, str]]
     #: (label, R@1 mean, file) of the reference rows (off-the-shelf, untrained) of every file
     references: List[Tuple[str, float, str]]
-    #: file -> its header lines that state settings and machine
+    #: file -> its lines (the settings and machine among them: :func:`setting_lines`)
     headers: Dict[str, List[str]]
 
 
@@ -648,7 +650,7 @@ def row_config(overrides: Dict[str, object]) -> Dict[str, object]:
 
 
 def _read_results(js: Path):
-    """A results file's rows, command (parsed) and setting lines; ValueError naming what is wrong."""
+    """A results file's rows, command (parsed) and the .md's lines; ValueError naming what is wrong."""
     md = js.with_suffix('.md')
     try:
         rows = json.loads(js.read_text(encoding='utf-8'))
@@ -667,9 +669,14 @@ def _read_results(js: Path):
         theirs = build_parser(_RaisingParser).parse_args(shlex.split(command[0].split('ablations.py ', 1)[1][:-1]))
     except ValueError as e:
         raise ValueError(f'its command does not parse: {e}') from e
-    settings = [line.split('; torch')[0] if line.startswith('- Machine:') else line
-                for line in lines if line.startswith(SETTING_LINES + ('- Machine:',))]
-    return {r['row']: ({k: tuple(r[k]) for k in METRICS}, r['runs']) for r in rows}, theirs, settings
+    return {r['row']: ({k: tuple(r[k]) for k in METRICS}, r['runs']) for r in rows}, theirs, lines
+
+
+def setting_lines(header: Sequence[str]) -> List[str]:
+    """The header lines two runs must share to share rows: the settings as resolved, and the machine's kind (any
+    CPU is one kind: its core count changes no result beyond a tie; a GPU trains in bf16 by default)."""
+    return ['- Machine: CPU' if line.startswith('- Machine: CPU') else line.split('; torch')[0]
+            for line in header if line.startswith(SETTING_LINES + ('- Machine:',))]
 
 
 def read_reused(p: argparse.ArgumentParser, args: argparse.Namespace) -> Reused:
@@ -707,9 +714,6 @@ def read_reused(p: argparse.ArgumentParser, args: argparse.Namespace) -> Reused:
     return reused
 
 
-#: rows without training: deterministic, recomputed by every run, so they check that reused files match this one
-REFERENCE_ROWS = ('off-the-shelf', 'untrained')
-
 
 def merge_reused(results, reused: Reused, table: str, header: List[str]):
     """This run's rows and the reused ones in the table's order (the reference rows first).
@@ -717,12 +721,10 @@ def merge_reused(results, reused: Reused, table: str, header: List[str]):
     Exits when a reused file's settings as resolved (its Protocol / Network / Training lines, the machine: CPU or
     which GPU) differ from this run's, or a reference row both have differs by more than :data:`REUSE_TOLERANCE`.
     """
-    mine = [line.split('; torch')[0] if line.startswith('- Machine:') else line
-            for line in header if line.startswith(SETTING_LINES + ('- Machine:',))]
-    kind = [line if not line.startswith('- Machine: CPU') else '- Machine: CPU' for line in mine]
+    mine = setting_lines(header)
     for name, theirs in reused.headers.items():
-        if [line if not line.startswith('- Machine: CPU') else '- Machine: CPU' for line in theirs] != kind:
-            differ = sorted(set(theirs) ^ set(mine))
+        if setting_lines(theirs) != mine:
+            differ = sorted(set(setting_lines(theirs)) ^ set(mine))
             sys.exit(f'ablations: --reuse {name}: its settings as resolved differ from this run\'s: {differ}; '
                      f'not merged')
     computed = {label: summary['recall@1'][0] for label, summary, _ in results}
