@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from ..layers.heads import COMBINE_MODES, AuxSoftmaxHead, parse_descriptors
 from ..layers.pooling import check_p
 from ..models.stride import STRIDE_MODES
@@ -128,9 +130,20 @@ class TrainConfig(HeadSettings):
                              f'descriptors of {self.descriptors!r} (each gets embed_dim / n dimensions)')
         for name in ('img_size', 'eval_every', 'eval_batch_size'):
             check_int(getattr(self, name), name)
-        for name, valid in (('optimizer', OPTIMIZERS), ('sched', SCHEDULES), ('select_metric', SELECT_METRICS)):
+        for name, valid in (('optimizer', OPTIMIZERS), ('sched', SCHEDULES), ('select_metric', SELECT_METRICS),
+                            ('stride_mode', STRIDE_MODES + (None,)), ('amp', AMP_MODES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f'{name} must be one of {valid}, got {getattr(self, name)!r}')
+        # checked here, not when the transform is built: by then the run folder and the model exist
+        check_int(self.resize_size, 'resize_size', allow_none=True)
+        if self.resize_size is not None and self.resize_size < self.img_size:
+            raise ValueError(f'resize_size must be >= img_size ({self.img_size}) for the random crop, got '
+                             f'{self.resize_size}')
+        if self.device != 'auto':  # the syntax only: whether CUDA is there is checked when the run starts
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f'device must be "auto", "cpu", "cuda" or "cuda:N", got {self.device!r}') from e
         check_float(self.head_lr, 'head_lr', minimum=0, above=True, allow_none=True)
         check_float(self.weight_decay, 'weight_decay', minimum=0)
         check_float(self.momentum, 'momentum', minimum=0, maximum=1, below=True)

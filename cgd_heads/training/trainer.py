@@ -217,20 +217,30 @@ def _build_run(config: TrainConfig, train_list: ImageList, out_dir: Path, device
                 scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
 
-def _restore(run: _Run) -> None:
-    """Continue from ``last/``: the saved settings must match, then weights, optimizer, schedule and history."""
+def _restore(run: _Run, class_names: List[str]) -> None:
+    """Continue from ``last/``: the saved settings and training classes must match, then weights, optimizer,
+    schedule and history."""
     saved = load_config(run.last_dir)
     now = {k: v for k, v in dataclasses.asdict(run.config).items() if k not in _RESUMABLE_CHANGES}
     diff = config_diff(now, {k: v for k, v in saved.get('train', {}).items() if k not in _RESUMABLE_CHANGES})
     if diff:
         raise ValueError(f'cannot resume {run.out_dir}: the settings differ from the saved run: {"; ".join(diff)} '
                          f'(now != saved)')
+    # the settings do not name the data: a run resumed on other classes would carry on silently (or fail on a
+    # classifier size mismatch that names no option)
+    saved_names = saved.get('class_names')
+    if saved_names is not None and list(saved_names) != list(class_names):
+        changed = sorted(set(map(str, class_names)) ^ set(map(str, saved_names)))
+        raise ValueError(f'cannot resume {run.out_dir}: its training classes differ from the saved run\'s '
+                         f'({len(class_names)} now, {len(saved_names)} saved; e.g. {changed[:3]}): resume with the '
+                         f'same data and class split (data, dataset, train_classes, val_classes, seed)')
     state = load_training_state(run.last_dir, map_location=run.device)
     load_weights(run.model, run.last_dir, run.device)
     run.optimizer.load_state_dict(state['optimizer'])
     if run.scheduler is not None and state['scheduler'] is not None:  # None: saved when 'none' ignored warm-up
         run.scheduler.load_state_dict(state['scheduler'])
-    run.scaler.load_state_dict(state['scaler'])
+    if state['scaler']:  # empty when saved without a float16 scaler (float32 / bf16): nothing to restore
+        run.scaler.load_state_dict(state['scaler'])
     run.start_epoch, run.best_metric, run.history = state['epoch'] + 1, state['best_metric'], state['history']
     _logger.info('resuming %s at epoch %d', run.out_dir, run.start_epoch + 1)
 
@@ -326,7 +336,9 @@ def _measure_reference(run: _Run, val_list: Optional[ImageList]) -> Dict[str, Di
     path = run.out_dir / 'reference.json'
     if val_list is None or run.config.skip_reference:
         return {}
-    if path.is_file():  # resumed: measured when the run started
+    # only a resumed run reuses it: a file left by a run killed before its first checkpoint may be for
+    # another model, stride or held-out split
+    if path.is_file() and run.start_epoch > 0:
         rows = json.loads(path.read_text(encoding='utf-8'))
         when = 'measured when the run started'
     else:
@@ -362,9 +374,13 @@ def describe_selection(config: TrainConfig, val_list: Optional[ImageList]) -> st
 
 def _check_val_list(val_list: ImageList) -> None:
     """ValueError before training when the held-out images cannot measure retrieval (no class with two images)."""
-    if max(collections.Counter(val_list.labels).values(), default=0) < 2:
+    counts = collections.Counter(val_list.labels)
+    if max(counts.values(), default=0) < 2:
         raise ValueError(f'the held-out classes ({len(val_list)} images) have no class with 2 images, so no query '
                          f'has a correct match to find: hold out more classes (val_classes) or none (val_classes=0)')
+    if len(counts) < 2:  # every neighbour is then of the query's class: recall@1 = map@r = 1 at every epoch
+        raise ValueError(f'val_classes holds out {len(counts)} class; model selection needs at least 2 held-out '
+                         f'classes (e.g. val_classes=0.2, or an integer >= 2), or none (val_classes=0)')
 
 
 def train(
@@ -397,7 +413,12 @@ def train(
     _check_run_folder(out_dir, resume)
     held_out = val_list is None and bool(config.val_classes)
     if held_out:
-        train_list, val_list = train_list.split_classes(config.val_classes, seed=config.seed)
+        try:
+            train_list, val_list = train_list.split_classes(config.val_classes, seed=config.seed)
+        except ValueError as e:  # name the option the user set, not split_classes' argument
+            raise ValueError(f'val_classes={config.val_classes!r}: {e}') from e
+    if skip_bad_images:  # checked once, before the sampler check and the schedule count the images
+        train_list = ImageDataset(train_list, skip_bad_images=True).image_list
     _check_sampler(train_list, config, held_out=held_out)
     if val_list is not None:
         if skip_bad_images:  # checked once here: validation and the reference read these images again and again
@@ -410,12 +431,12 @@ def train(
     if context.is_main:
         _logger.info('model selection: %s', describe_selection(config, val_list))
     if resume:
-        _restore(run)
+        _restore(run, train_list.class_names)
     run_config = dataclasses.asdict(config)
     if context.is_main:
         atomic_write_json(out_dir / 'train_config.json', run_config)
     dataset = ImageDataset(train_list, create_cgd_transform(run.data_config, True, config.img_size,
-                                                            config.resize_size), skip_bad_images=skip_bad_images)
+                                                            config.resize_size))
     ckpt_extra = dict(extra or {}, data=run.data_config, train=run_config, class_names=train_list.class_names)
     reference = _measure_reference(run, val_list) if context.is_main else {}
     context.barrier()

@@ -145,3 +145,16 @@ def test_a_resumed_run_keeps_the_reference_it_started_with(shapes_folder, backbo
     monkeypatch.setattr(train_module, 'off_the_shelf_reference', measured_again)
     result = train(config, splits['all'], tmp_path / 'run', resume=True)
     assert result.reference == saved and len(result.history) == 2
+
+
+def test_a_fresh_run_measures_again_over_a_stale_reference(shapes_folder, backbone_weights, tmp_path, monkeypatch):
+    # a run killed before its first checkpoint leaves reference.json but no last/: a new run in that folder (here
+    # with another stride mode) must measure its own reference, not report the other network's
+    splits = load_splits('folder', shapes_folder)
+    run = tmp_path / 'run'
+    run.mkdir()
+    stale = {'off-the-shelf GeM p=3, stride stripped': {'recall@1': 0.123, 'map@r': 0.1}}
+    (run / 'reference.json').write_text(json.dumps(stale))
+    result = train(TrainConfig(**dict(TINY, checkpoint_path=backbone_weights, stride_mode=None)), splits['all'], run)
+    assert list(result.reference) == ['off-the-shelf GeM p=3, stride untouched']
+    assert json.loads((run / 'reference.json').read_text()) == result.reference

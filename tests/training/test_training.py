@@ -75,6 +75,13 @@ def test_resume_refuses_changed_settings(shapes_folder, tmp_path):
     train(TrainConfig(**dict(TINY, epochs=1)), splits['all'], tmp_path / 'run')
     with pytest.raises(ValueError, match='embed_dim: 32 != 16'):
         train(TrainConfig(**dict(TINY, embed_dim=32)), splits['all'], tmp_path / 'run', resume=True)
+    # other training classes under the same settings: the saved class names tell (the settings do not name data)
+    from cgd_heads.data import ImageList
+    images = splits['all']
+    renamed = ImageList(images.paths, images.labels, [f'other_{n}' for n in images.class_names])
+    with pytest.raises(ValueError, match='its training classes differ from the saved run'):
+        train(TrainConfig(**dict(TINY, epochs=1)), renamed, tmp_path / 'run', resume=True)
+    assert len(train(TrainConfig(**dict(TINY, epochs=1)), images, tmp_path / 'run', resume=True).history) == 1
 
 
 def test_training_improves_retrieval_on_held_out_classes(tmp_path):
@@ -129,6 +136,10 @@ def test_head_lr_applies_to_the_head_only_and_follows_the_schedule(optimizer):
     (dict(descriptors='XY'), 'unknown letters'), (dict(descriptors='SMG', embed_dim=16), 'divisible by the 3'),
     (dict(warmup_epochs=2, epochs=2), 'warmup_epochs=2 must be less than epochs=2'),
     (dict(clip_grad=0.0), 'clip_grad'), (dict(seed=-1), 'seed'),
+    # refused when the config is made, not after the run folder and the model exist
+    (dict(stride_mode='bogus'), 'stride_mode must be one of'), (dict(amp='fp8'), 'amp must be one of'),
+    (dict(img_size=224, resize_size=200), r'resize_size must be >= img_size \(224\)'),
+    (dict(device='gpu0'), 'device must be "auto", "cpu", "cuda" or "cuda:N"'),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -248,11 +259,20 @@ def test_speed_options_compute_the_same_run(shapes_folder, tmp_path, option):
 def test_a_small_or_damaged_held_out_split_is_handled_before_training(shapes_folder, tmp_path):
     from cgd_heads.data import ImageList
     splits = load_splits('folder', shapes_folder)
-    # one held-out class of 6 images: each query ranks 5 others, so Recall@8 cannot exist; R@1/2/4 still do
-    small = train(TrainConfig(**dict(TINY, epochs=1, val_classes=1)), splits['all'], tmp_path / 'small')
-    assert {'val_recall@1', 'val_recall@4'} <= set(small.history[0]) and 'val_recall@8' not in small.history[0]
-    # an unreadable held-out image: skip_bad_images leaves it out of validation too (it was read there unchecked)
     train_list, val_list = splits['all'].split_classes(2, seed=0)
+    # two held-out classes of 3 images: each query ranks 5 others, so Recall@8 cannot exist; R@1/2/4 still do
+    keep = [i for c in sorted(set(val_list.labels)) for i in [j for j, y in enumerate(val_list.labels) if y == c][:3]]
+    few = ImageList([val_list.paths[i] for i in keep], [val_list.labels[i] for i in keep], val_list.class_names)
+    small = train(TrainConfig(**dict(TINY, epochs=1)), train_list, tmp_path / 'small', val_list=few)
+    assert {'val_recall@1', 'val_recall@4'} <= set(small.history[0]) and 'val_recall@8' not in small.history[0]
+    # one held-out class cannot select: every neighbour is of the query's class, R@1 = MAP@R = 1 at every epoch
+    with pytest.raises(ValueError, match='val_classes holds out 1 class; model selection needs at least 2'):
+        train(TrainConfig(**dict(TINY, epochs=1, val_classes=1)), splits['all'], tmp_path / 'one')
+    assert not (tmp_path / 'one').exists()
+    # and a held-out count the classes cannot give names the option
+    with pytest.raises(ValueError, match=r'val_classes=8: held_out'):
+        train(TrainConfig(**dict(TINY, epochs=1, val_classes=8)), splits['all'], tmp_path / 'all_out')
+    # an unreadable held-out image: skip_bad_images leaves it out of validation too (it was read there unchecked)
     bad = tmp_path / 'bad.png'
     bad.write_bytes(b'not an image')
     damaged = ImageList(val_list.paths + [str(bad)], val_list.labels + [val_list.labels[0]], val_list.class_names)
@@ -285,3 +305,21 @@ def test_the_log_says_what_best_will_hold(shapes_folder, tmp_path, caplog):
     a = load_file(str(tmp_path / 'all' / 'best' / 'model.safetensors'))
     b = load_file(str(tmp_path / 'all' / 'last' / 'model.safetensors'))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_skipped_bad_images_leave_the_schedule_as_run(shapes_folder, tmp_path, monkeypatch):
+    # the schedule is laid out from the images the loader serves: with 4 unreadable training images counted,
+    # 40 // 8 = 5 updates would be scheduled per epoch while 36 // 8 = 4 run
+    from cgd_heads.data import ImageList
+    train_list, val_list = load_splits('folder', shapes_folder)['all'].split_classes(2, seed=0)
+    bad = []
+    for i in range(4):
+        (tmp_path / f'bad{i}.png').write_bytes(b'not an image')
+        bad.append(str(tmp_path / f'bad{i}.png'))
+    damaged = ImageList(train_list.paths + bad, train_list.labels + [0] * 4, train_list.class_names)
+    runs, steps = [], []
+    real_build, real_step = train_module._build_run, train_module._train_step
+    monkeypatch.setattr(train_module, '_build_run', lambda *a: runs.append(real_build(*a)) or runs[-1])
+    monkeypatch.setattr(train_module, '_train_step', lambda *a: steps.append(1) or real_step(*a))
+    train(TrainConfig(**dict(TINY, epochs=1)), damaged, tmp_path / 'run', val_list=val_list, skip_bad_images=True)
+    assert runs[0].iters == len(steps) == len(train_list) // TINY['batch_size'] == 4
