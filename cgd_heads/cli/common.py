@@ -73,11 +73,14 @@ def parse_ks(text: str) -> Tuple[int, ...]:
 
 
 def parse_floats(text: str) -> Tuple[float, ...]:
-    """``'1,0.75'`` -> (1.0, 0.75)."""
+    """``'1,0.75'`` -> (1.0, 0.75): positive finite numbers (scale factors)."""
     try:
-        return tuple(float(s) for s in text.split(','))
+        values = tuple(float(s) for s in text.split(','))
     except ValueError:
         raise argparse.ArgumentTypeError(f'expected comma-separated numbers such as 1,0.75, got {text!r}') from None
+    if not all(math.isfinite(v) and v > 0 for v in values):  # refused here, not after the model has loaded
+        raise argparse.ArgumentTypeError(f'expected positive finite numbers such as 1,0.75, got {text!r}')
+    return values
 
 
 def parse_rerank(text: str) -> Tuple[int, int, float]:
@@ -122,7 +125,16 @@ def load_data_splits(args: argparse.Namespace) -> Dict[str, ImageList]:
         kwargs['train_classes'] = args.train_classes
     if args.crop:
         kwargs['crop'] = True
-    return load_splits(args.dataset, data, **kwargs)
+    try:
+        return load_splits(args.dataset, data, **kwargs)
+    except TypeError as e:  # a reader without that keyword: name the flag, not the reader's argument
+        flags = [flag for flag, key in (('--train-classes', 'train_classes'), ('--crop', 'crop'))
+                 if key in kwargs and repr(key) in str(e)]
+        if not flags:
+            raise
+        raise ValueError(f'{" ".join(flags)} does not apply to the reader of --data {data} (--dataset '
+                         f'{args.dataset}): --train-classes is for class folders (folder), --crop for cub200 and '
+                         f'cars196') from e
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

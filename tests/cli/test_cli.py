@@ -100,6 +100,10 @@ def test_resume_flag_continues_a_run(shapes_folder, tmp_path, monkeypatch, capsy
     ('too_few_images', ['--train-classes', '6', '--m-per-class', '8', '--batch-size', '16', '--val-classes', '0'],
      'have fewer than m_per_class=8 images'),
     ('out_not_dir', ['--train-classes', '6'], 'file is not a writable folder'),
+    # an option the resolved reader does not take: named as the flag, not as the reader's keyword argument
+    ('reader_option', ['--dataset', 'omniglot', '--train-classes', '6'], '--train-classes does not apply'),
+    ('reader_option', ['--crop', '--train-classes', '6'], '--crop does not apply'),
+    ('bad_resize', ['--train-classes', '6', '--resize-size', '20'], 'resize_size must be >= img_size (24)'),
 ])
 def test_user_errors_are_one_line(case, extra, message, shapes_folder, tmp_path, capsys):
     data, out = shapes_folder, tmp_path / 'run'
