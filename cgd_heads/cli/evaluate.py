@@ -21,9 +21,10 @@ from ..retrieval.whitening import Whitening, model_fingerprint
 from ..utils.atomic import atomic_write_json
 from ..utils.settings import positive_int
 from .common import (EmbedFn, add_data_args, add_runtime_args, add_units_args, check_out_dir, check_out_file,
-                     check_qe, check_units_args, embed_split, evaluate_split, extract_list_units, join_processes,
-                     leave_processes, load_checkpoint, load_data_splits, load_whitening, parse_floats, parse_ks,
-                     parse_rerank, print_metrics, resolve_eval_splits, run_cli, runtime_kwargs)
+                     check_qe, check_units_args, embed_split, embedding_preprocessing, evaluate_split,
+                     extract_list_units, join_processes, leave_processes, load_checkpoint, load_data_splits,
+                     load_whitening, parse_floats, parse_ks, parse_rerank, print_metrics, resolve_eval_splits, run_cli,
+                     runtime_kwargs)
 
 __all__ = ['main', 'build_parser']
 
@@ -212,11 +213,14 @@ def run(args: argparse.Namespace) -> None:
         whitening = None
     postprocess = PostProcess(whitening, args.qe, args.qe_alpha, args.dba, rerank)
     # the weights' fingerprint, so cgd-index --embeddings --checkpoint can refuse another run's checkpoint
-    provenance = ({'checkpoint_fingerprint': checkpoint_fingerprint(args.checkpoint)}
-                  if args.checkpoint and args.save_embeddings else None)
+    provenance: Dict[str, Any] = {}
+    if args.checkpoint and args.save_embeddings:
+        provenance['checkpoint_fingerprint'] = checkpoint_fingerprint(args.checkpoint)
+    if embed_fn is not None:  # the units were embedded with these settings (their manifest checks it)
+        provenance['preprocessing'] = embedding_preprocessing(data_config, args.flip, args.scales)
     metrics = evaluate_split(model, splits, data_config, split=args.split, ks=args.ks, save_to=args.save_embeddings,
                              postprocess=None if postprocess.is_identity else postprocess, nmi=args.nmi,
-                             embed_fn=embed_fn, save_metadata=provenance, **embed_kwargs)
+                             embed_fn=embed_fn, save_metadata=provenance or None, **embed_kwargs)
     what = args.checkpoint or (f'off-the-shelf {args.off_the_shelf} (GeM p={args.gem_p:g}, stride '
                                f'{args.stride_mode}, {data_config["img_size"]} px)')
     print_metrics(f'{what} on {args.data} ({args.split}, {metrics["num_queries"]} queries):', metrics)

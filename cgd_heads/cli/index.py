@@ -20,8 +20,8 @@ from ..retrieval.units import EmbeddingUnits, checkpoint_fingerprint
 from ..retrieval.whitening import Whitening
 from ..utils.runtime import amp_dtype, resolve_device
 from .common import (add_data_args, add_runtime_args, add_units_args, check_out_dir, check_units_args,
-                     eval_transform, extract_list_units, join_processes, leave_processes, load_checkpoint,
-                     load_data_splits, load_whitening, run_cli)
+                     embedding_preprocessing, eval_transform, extract_list_units, join_processes, leave_processes,
+                     load_checkpoint, load_data_splits, load_whitening, run_cli)
 
 __all__ = ['main', 'build_parser']
 
@@ -205,6 +205,10 @@ def _index_units(args: argparse.Namespace) -> None:
         metadata['checkpoint'] = str(Path(args.checkpoint).resolve())
     if class_names is not None:
         metadata['class_names'] = class_names
+    prep = units.manifest.get('preprocessing') or {}
+    if 'data_config' in prep:  # how the gallery was embedded (size, flip, scales): cgd-search embeds queries alike
+        metadata['preprocessing'] = embedding_preprocessing(prep['data_config'], prep.get('flip', False),
+                                                            prep.get('scales', (1.0,)))
     build_index_from_units(units, args.out, args.index_type, whitening=whitening, metadata=metadata,
                            train_size=args.train_size, on_disk=args.on_disk, shard_size=args.shard_size,
                            **_index_kwargs(args))

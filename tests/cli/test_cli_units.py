@@ -17,6 +17,7 @@ from cgd_heads import EmbeddingUnits, ShardedIndex, create_model, load_index, lo
 from cgd_heads.cli import eval_main, index_main, search_main
 from cgd_heads.data import data_config_of, read_image_folder
 from cgd_heads.retrieval.distributed_extract import KILL_ENV
+from cgd_heads.retrieval.extract import load_embeddings
 from conftest import write_shapes_folder
 
 RUNTIME = ['--device', 'cpu', '--num-workers', '0', '--quiet', '--batch-size', '4']
@@ -59,6 +60,8 @@ def test_index_search_and_eval_through_units_in_one_process(setup, tmp_path, cap
     assert '(flat, 3 shards)' in capsys.readouterr().out
     flat = load_index(tmp_path / 'flat')
     assert isinstance(flat, ShardedIndex) and [len(s) for s in flat.shards] == [20, 20, 8]
+    # how the units were embedded travels into the index, so cgd-search embeds its queries the same way
+    assert flat.shards[0].metadata['preprocessing'] == {'img_size': 32, 'flip': False, 'scales': [1.0]}
     query = images / 'class_05' / '2.png'
     assert search_main([str(query), '--index', str(tmp_path / 'flat'), '--checkpoint', str(checkpoint), '--k', '3',
                         '--json']) == 0
@@ -74,6 +77,11 @@ def test_index_search_and_eval_through_units_in_one_process(setup, tmp_path, cap
     assert {k: again[k] for k in ('recall@1', 'recall@2', 'map@r')} == \
         pytest.approx({k: memory[k] for k in ('recall@1', 'recall@2', 'map@r')}, abs=1e-6)
     assert units['postprocess']['whitening'] == 'pca'
+    # embeddings saved from units record their flip and scales as in-memory extraction does
+    assert eval_main([*data, '--units', str(tmp_path / 'flip_units'), '--flip', '--scales', '1,0.75',
+                      '--save-embeddings', str(tmp_path / 'flip.safetensors')]) == 0
+    assert load_embeddings(tmp_path / 'flip.safetensors')[3]['preprocessing'] == \
+        {'img_size': 32, 'flip': True, 'scales': [1.0, 0.75]}
     assert EmbeddingUnits.open(tmp_path / 'eval_units' / 'test').num_units == 3  # 12 test images, units of 5
     assert EmbeddingUnits.open(tmp_path / 'eval_units' / 'train').count == 36
 
