@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     root, dataset, splits = _demo_splits(args)
     config = config_from_args(TrainConfig, args, progress=not args.quiet, **DEMO_FIXED)
     run_dir = Path(args.out) / 'run'
-    if (run_dir / 'last').exists():  # a demo is a fresh run each time; never mix with an earlier one
+    if run_dir.exists():  # a demo is a fresh run each time (also after one killed mid-checkpoint): never mix
         shutil.rmtree(run_dir)
     ks = (1, 2, 4, 8)
     gallery_split = 'test' if 'test' in splits else 'gallery'
