@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..utils.checks import check_int, check_labels
-from .pooling import INPUT_FORMATS, GeneralizedPooling
+from ..utils.checks import check_bool, check_float, check_int, check_labels
+from .pooling import INPUT_FORMATS, GeneralizedPooling, check_p
 
 __all__ = ['CGDHead', 'AuxSoftmaxHead', 'DESCRIPTOR_LETTERS', 'COMBINE_MODES', 'parse_descriptors', 'prepare_features']
 
@@ -72,15 +72,9 @@ class AuxSoftmaxHead(nn.Module):
 
     @staticmethod
     def check_loss_args(temperature: float, label_smoothing: float) -> None:
-        """Raise ValueError unless temperature > 0 and 0 <= label_smoothing < 1 (both finite numbers)."""
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not (temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f'temperature must be a finite float > 0 (CGD uses 0.5; 1 disables it), '
-                             f'got {temperature!r}')
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-                or not 0 <= label_smoothing < 1:
-            raise ValueError(f'label_smoothing must be in [0, 1) (CGD uses 0.1; 0 disables it), '
-                             f'got {label_smoothing!r}')
+        """Raise TypeError unless both are numbers, ValueError unless temperature > 0 and 0 <= label_smoothing < 1."""
+        check_float(temperature, 'temperature', minimum=0, above=True)  # CGD uses 0.5; 1 disables it
+        check_float(label_smoothing, 'label_smoothing', minimum=0, maximum=1, below=True)  # CGD: 0.1; 0 disables it
 
     def extra_repr(self) -> str:
         """The settings ``print(module)`` shows: temperature and label smoothing."""
@@ -166,6 +160,10 @@ class CGDHead(nn.Module):
         check_int(embed_dim, 'embed_dim')
         check_int(num_classes, 'num_classes', minimum=0)
         check_int(num_prefix_tokens, 'num_prefix_tokens', minimum=0)
+        learnable_p = check_bool(learnable_p, 'learnable_p')
+        # named here as the head's arguments (the G branch's pooling would call them p / learnable); checked
+        # also without G, so a typo does not wait for the day G is added
+        gem_p = check_p(gem_p, learnable_p and 'G' in descriptors, 'gem_p')
         if combine not in COMBINE_MODES:
             raise ValueError(f'combine must be one of {COMBINE_MODES}, got {combine!r}')
         if input_fmt not in INPUT_FORMATS:

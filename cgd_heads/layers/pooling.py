@@ -16,6 +16,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from ..utils.checks import check_bool, check_float, check_int
+
 __all__ = ['GeneralizedPooling', 'generalized_mean', 'INPUT_FORMATS', 'P_LEARNABLE_RANGE']
 
 INPUT_FORMATS = ('NCHW', 'NHWC', 'NLC')
@@ -247,14 +249,13 @@ class GeneralizedPooling(nn.Module):
             input_fmt: str = 'NCHW',
     ):
         super().__init__()
+        learnable = check_bool(learnable, 'learnable')
+        per_channel = check_bool(per_channel, 'per_channel')
         p = check_p(p, learnable)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-            raise ValueError(f'eps must be a finite float > 0, got {eps!r}')
+        eps = check_float(eps, 'eps', minimum=0, above=True)
         if input_fmt not in INPUT_FORMATS:
             raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
-        if in_features is not None and (isinstance(in_features, bool) or not isinstance(in_features, int)
-                                        or in_features <= 0):
-            raise ValueError(f'in_features must be a positive int or None, got {in_features!r}')
+        in_features = check_int(in_features, 'in_features', allow_none=True)
         if per_channel and in_features is None:
             raise ValueError('per_channel=True needs in_features (the channel count C) to size the p vector')
         if per_channel and not learnable:
@@ -314,6 +315,10 @@ class GeneralizedPooling(nn.Module):
         else:
             x = x.flatten(1, -2) if x.ndim == 4 else x  # (N, H*W or L, C)
             dim = 1
+        if x.shape[dim] == 0:  # the mean would be NaN and the max raise an IndexError
+            raise ValueError(f'GeneralizedPooling got an empty feature map of shape {tuple(x.shape)} '
+                             f'({self.input_fmt}): no positions to pool (is the input image smaller than the '
+                             f"backbone's total stride?)")
         if self.in_features is not None and x.shape[1 if self._channels_first else 2] != self.in_features:
             raise ValueError(
                 f'GeneralizedPooling was built for in_features={self.in_features} channels, got input of shape '

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners, reducers
 
-from ..utils.checks import check_labels
+from ..utils.checks import check_float, check_labels
 
 __all__ = ['CGDLoss']
 
@@ -30,9 +30,11 @@ class CGDLoss(nn.Module):
         miner: Any PML miner. Default: ``BatchHardMiner`` with the default loss, no miner with a custom
             ``metric_loss`` (pass one explicitly to mine for it).
         aux_weight: Weight of the classification term, >= 0.
-        aux_loss: ``aux_loss(logits, labels) -> scalar``; default cross-entropy with label smoothing 0.1. Pass
+        aux_loss: ``aux_loss(logits, labels) -> scalar``; default cross-entropy with ``label_smoothing``. Pass
             ``head.aux_head.loss`` so the head's own ``label_smoothing`` is the single source of truth.
         ranking_weight: Weight of the ranking term, >= 0 (0: classification only, an ablation of the paper).
+        label_smoothing: Smoothing of the default cross-entropy, in [0, 1); None: CGD's 0.1. Not together with
+            ``aux_loss`` (which brings its own).
 
     After each call ``last_parts`` holds the detached parts (``'ranking'``, ``'classification'``, ``'total'``)
     for logging.
@@ -52,13 +54,17 @@ class CGDLoss(nn.Module):
             aux_weight: float = 1.0,
             aux_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
             ranking_weight: float = 1.0,
+            label_smoothing: Optional[float] = None,
     ):
         super().__init__()
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
-            raise ValueError(f'margin must be a float > 0 (CGD uses 0.1), got {margin!r}')
-        for name, weight in (('aux_weight', aux_weight), ('ranking_weight', ranking_weight)):
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-                raise ValueError(f'{name} must be a float >= 0, got {weight!r}')
+        check_float(margin, 'margin', minimum=0, above=True)  # CGD uses 0.1
+        check_float(aux_weight, 'aux_weight', minimum=0)
+        check_float(ranking_weight, 'ranking_weight', minimum=0)
+        if label_smoothing is not None:
+            if aux_loss is not None:  # two sources of the smoothing: the one used would be a silent choice
+                raise ValueError('label_smoothing applies to the default cross-entropy only; with aux_loss given '
+                                 '(e.g. head.aux_head.loss) leave it None')
+            check_float(label_smoothing, 'label_smoothing', minimum=0, maximum=1, below=True)
         if metric_loss is not None and not callable(metric_loss):
             raise TypeError(f'metric_loss must be a pytorch-metric-learning loss, got {type(metric_loss).__name__}')
         if miner is not None and not callable(miner):
@@ -74,6 +80,7 @@ class CGDLoss(nn.Module):
         self.aux_weight = float(aux_weight)
         self.ranking_weight = float(ranking_weight)
         self.aux_loss = aux_loss
+        self.label_smoothing = 0.1 if label_smoothing is None else float(label_smoothing)
         self.last_parts: Dict[str, torch.Tensor] = {}
         self._ranking_scale = 1.0
 
@@ -105,9 +112,10 @@ class CGDLoss(nn.Module):
             labels: ``(N,)`` integer class ids.
             logits: ``(N, num_classes)`` temperature-scaled logits of the auxiliary head, or None (ranking only).
         """
-        if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
-            raise ValueError(f'embeddings must be a (N, D) tensor, got '
-                             f'{tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else embeddings!r}')
+        if not isinstance(embeddings, torch.Tensor):
+            raise TypeError(f'embeddings must be a (N, D) tensor, got {type(embeddings).__name__}')
+        if embeddings.ndim != 2:
+            raise ValueError(f'embeddings must be a (N, D) tensor, got shape {tuple(embeddings.shape)}')
         check_labels(labels, embeddings.shape[0])
         # Mining and the triplet loss run in float32: under fp16 autocast the distances lose the margin's scale.
         embeddings = embeddings.float()
@@ -123,7 +131,7 @@ class CGDLoss(nn.Module):
                 classification = self.aux_loss(logits.float(), labels)
             else:
                 check_labels(labels, logits.shape[0], logits.shape[1])
-                classification = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
+                classification = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
             total = total + self.aux_weight * classification
             parts['classification'] = classification.detach()
         # the objective as a single process would report it (the distributed ranking term is scaled for DDP)

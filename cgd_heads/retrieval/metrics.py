@@ -66,7 +66,9 @@ def _check_ks(ks: Any) -> Tuple[int, ...]:
     if isinstance(ks, (int, np.integer)) or not isinstance(ks, (Sequence, np.ndarray)) or len(ks) == 0:
         raise TypeError(f'ks must be a non-empty sequence of positive ints, got {ks!r}')
     for k in ks:
-        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f'ks must contain positive ints only, got {type(k).__name__} {k!r} in {ks!r}')
+        if k < 1:
             raise ValueError(f'ks must contain positive ints only, got {k!r} in {ks!r}')
     return tuple(sorted({int(k) for k in ks}))
 

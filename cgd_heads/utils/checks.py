@@ -12,10 +12,22 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ['PathLike', 'check_int', 'check_float', 'check_labels']
+__all__ = ['PathLike', 'check_bool', 'check_int', 'check_float', 'check_labels']
 
 #: What every function taking a file or folder accepts.
 PathLike = Union[str, os.PathLike]
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Return ``value`` as a ``bool`` if it is one (Python or NumPy): a truthy string such as ``'no'`` must not
+    switch an option on.
+
+    Raises:
+        TypeError: ``value`` is not a bool.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f'{name} must be True or False, got {type(value).__name__} {value!r}')
+    return bool(value)
 
 
 def check_int(value: Any, name: str, minimum: int = 1, allow_none: bool = False) -> Optional[int]:

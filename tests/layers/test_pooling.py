@@ -301,3 +301,21 @@ def test_loading_a_fixed_p_also_switches_the_variant(saved, expected):
                  'gem': x.clamp(min=1e-6).pow(5.0).mean(dim=(2, 3)).pow(1 / 5.0)}[expected]
     assert target.pool_type == expected
     torch.testing.assert_close(target(x), reference)
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(eps='1e-6'), TypeError, 'eps'), (dict(eps=float('inf')), ValueError, 'eps'),
+    (dict(in_features='8'), TypeError, 'in_features'), (dict(learnable=1), TypeError, 'learnable must be True or'),
+    (dict(learnable=True, per_channel='yes', in_features=4), TypeError, 'per_channel'),
+])
+def test_constructor_arguments_of_the_wrong_type_or_range(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GeneralizedPooling(**kwargs)
+
+
+@pytest.mark.parametrize('p', [1.0, 3.0, math.inf])
+def test_an_empty_map_is_refused_by_every_variant(p):
+    # SPoC's mean of nothing would be a silent NaN, MAC's max an IndexError naming no argument
+    for fmt, shape in (('NCHW', (2, 4, 0, 3)), ('NHWC', (2, 0, 0, 4)), ('NLC', (2, 0, 4))):
+        with pytest.raises(ValueError, match='empty feature map'):
+            GeneralizedPooling(p, input_fmt=fmt)(torch.zeros(shape))

@@ -110,3 +110,30 @@ def test_bad_labels():
         CGDLoss()(embeddings, torch.tensor([0.0, 1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match=r'class ids in \[0, 3\)'):
         CGDLoss()(embeddings, torch.tensor([0, 1, 2, 3]), torch.randn(4, 3))
+
+
+def test_default_classification_loss_takes_the_smoothing_given():
+    torch.manual_seed(0)
+    embeddings = F.normalize(torch.randn(8, 4), dim=1)
+    labels, logits = torch.arange(4).repeat(2), torch.randn(8, 4)
+    for smoothing, expected in ((None, 0.1), (0.0, 0.0), (0.3, 0.3)):
+        criterion = CGDLoss(ranking_weight=0.0, label_smoothing=smoothing)
+        assert criterion(embeddings, labels, logits) == pytest.approx(
+            float(F.cross_entropy(logits, labels, label_smoothing=expected)), abs=1e-6)
+    # two sources of the smoothing are refused rather than one silently winning
+    with pytest.raises(ValueError, match='label_smoothing applies to the default cross-entropy only'):
+        CGDLoss(aux_loss=AuxSoftmaxHead(4, 4, label_smoothing=0.0).loss, label_smoothing=0.0)
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(margin='0.1'), TypeError, 'margin'), (dict(margin=float('inf')), ValueError, 'margin'),
+    (dict(aux_weight='1'), TypeError, 'aux_weight'), (dict(label_smoothing=1.0), ValueError, 'label_smoothing'),
+])
+def test_loss_arguments_of_the_wrong_type_or_range(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CGDLoss(**kwargs)
+
+
+def test_embeddings_that_are_not_a_tensor_raise_a_type_error():
+    with pytest.raises(TypeError, match='embeddings must be a \\(N, D\\) tensor, got list'):
+        CGDLoss()([[0.0, 1.0]] * 4, torch.arange(4))

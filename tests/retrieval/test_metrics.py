@@ -245,6 +245,7 @@ class TestValidation:
         ({'labels': [0, 0, 1]}, ValueError, r'labels must have one entry per embedding \(4\), got 3'),
         ({'labels': [0.0, 0.0, 1.0, 1.0]}, TypeError, 'labels must hold ints or strs'),
         ({'ks': (0, 1)}, ValueError, 'ks must contain positive ints'),
+        ({'ks': (1, 2.0)}, TypeError, 'ks must contain positive ints only, got float'),
         ({'ks': 1}, TypeError, 'ks must be a non-empty sequence'),
         ({'ks': ()}, TypeError, 'ks must be a non-empty sequence'),
         ({'ks': (1, 4)}, ValueError, r'ks must not exceed the 3 N - 1 other items.*K=4'),

@@ -67,3 +67,11 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / 'atomic') == mode(tmp_path / 'plain') == 0o640
     assert mode(tmp_path / 'atomic_dir') == mode(tmp_path / 'plain_dir') == 0o750
+
+
+def test_check_bool_refuses_truthy_values_that_are_not_bools():
+    from cgd_heads.utils.checks import check_bool
+    assert check_bool(True, 'flag') is True and check_bool(np.bool_(False), 'flag') is False
+    for value in ('no', 1, None):
+        with pytest.raises(TypeError, match='flag must be True or False'):
+            check_bool(value, 'flag')
