@@ -25,8 +25,9 @@ __all__ = ['ConcatFCHead']
 class ConcatFCHead(nn.Module):
     """Architecture B: ``embedding = normalize(W concat_i pool_i(X))`` with one ``Linear(n * C, embed_dim)``.
 
-    Same arguments, input formats and auxiliary classifier (on ``pool_0(X)``) as :class:`~cgd_heads.CGDHead`, so
-    the two differ only where the paper says they do.
+    The same descriptors, ``gem_p``, input formats (``num_prefix_tokens`` included) and auxiliary classifier (on
+    ``pool_0(X)``) as :class:`~cgd_heads.CGDHead`, so the two differ only where the paper says they do; there is no
+    ``combine`` (one FC over the concatenation is what B is) and no ``learnable_p``.
     """
 
     def __init__(
@@ -39,18 +40,24 @@ class ConcatFCHead(nn.Module):
             temperature: float = 0.5,
             label_smoothing: float = 0.1,
             input_fmt: str = 'NCHW',
+            num_prefix_tokens: int = 0,
     ):
         super().__init__()
         check_int(in_features, 'in_features')
         check_int(embed_dim, 'embed_dim')
         check_int(num_classes, 'num_classes', minimum=0)
+        check_int(num_prefix_tokens, 'num_prefix_tokens', minimum=0)
         if input_fmt not in INPUT_FORMATS:
             raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
+        if num_prefix_tokens and input_fmt != 'NLC':
+            raise ValueError(f'num_prefix_tokens={num_prefix_tokens} only applies to token inputs '
+                             f'(input_fmt="NLC"), got input_fmt={input_fmt!r}')
         AuxSoftmaxHead.check_loss_args(temperature, label_smoothing)
         self.in_features = in_features
         self.descriptors = parse_descriptors(descriptors)
         self.embed_dim = embed_dim
         self.input_fmt = input_fmt
+        self.num_prefix_tokens = num_prefix_tokens
         self.pools = nn.ModuleList([
             GeneralizedPooling(p=gem_p if c == 'G' else DESCRIPTOR_LETTERS[c][1], input_fmt=input_fmt)
             for c in self.descriptors])
@@ -60,7 +67,7 @@ class ConcatFCHead(nn.Module):
 
     def pool(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The pooled vectors ``pool_i(X)``, as :meth:`cgd_heads.CGDHead.pool`."""
-        x = prepare_features(x, self.in_features, self.input_fmt, owner=type(self).__name__)
+        x = prepare_features(x, self.in_features, self.input_fmt, self.num_prefix_tokens, type(self).__name__)
         return [pool(x) for pool in self.pools]
 
     def embed_pooled(self, pooled: List[torch.Tensor]) -> torch.Tensor:

@@ -52,15 +52,17 @@ class HeadTrainConfig(HeadSettings):
                              'fixed p); learn p end to end with train(), or fix gem_p')
 
 
-def build_head(config: HeadTrainConfig, in_features: int, num_classes: int, input_fmt: str = 'NCHW') -> nn.Module:
+def build_head(config: HeadTrainConfig, in_features: int, num_classes: int, input_fmt: str = 'NCHW',
+               num_prefix_tokens: int = 0) -> nn.Module:
     """The head a config describes; the classifier exists only when ``aux_weight > 0``."""
     classes = num_classes if config.aux_weight > 0 else 0
     if config.architecture == 'concat_fc':
         return ConcatFCHead(in_features, config.descriptors, config.embed_dim, gem_p=config.gem_p,
                             num_classes=classes, temperature=config.temperature,
-                            label_smoothing=config.label_smoothing, input_fmt=input_fmt)
+                            label_smoothing=config.label_smoothing, input_fmt=input_fmt,
+                            num_prefix_tokens=num_prefix_tokens)
     return CGDHead(in_features, config.descriptors, config.embed_dim, num_classes=classes, input_fmt=input_fmt,
-                   **{name: getattr(config, name) for name in HEAD_KWARGS})
+                   num_prefix_tokens=num_prefix_tokens, **{name: getattr(config, name) for name in HEAD_KWARGS})
 
 
 def train_head(
@@ -68,12 +70,18 @@ def train_head(
         features: torch.Tensor,
         labels: torch.Tensor,
         input_fmt: str = 'NCHW',
+        num_prefix_tokens: int = 0,
 ) -> nn.Module:
-    """Train a head on ``features`` (N, ...) with class ids ``labels`` (N,) in [0, C); returns it in eval mode."""
+    """Train a head on ``features`` (N, ...) with class ids ``labels`` (N,) in [0, C); returns it in eval mode.
+
+    ``num_prefix_tokens``: leading tokens (class, register) of ``'NLC'`` features left out of pooling, as the
+    backbone's ``num_prefix_tokens``."""
+    if len(features) != len(labels):
+        raise ValueError(f'features and labels must have the same length, got {len(features)} and {len(labels)}')
     seed_everything(config.seed)
     num_classes = check_batch(config, labels)
     channels = features.shape[1] if input_fmt == 'NCHW' else features.shape[-1]
-    head = build_head(config, channels, num_classes, input_fmt)
+    head = build_head(config, channels, num_classes, input_fmt, num_prefix_tokens)
     aux = getattr(head, 'aux_head', None)
     criterion = CGDLoss(margin=config.margin, aux_weight=config.aux_weight, ranking_weight=config.ranking_weight,
                         aux_loss=aux.loss if aux is not None else None)

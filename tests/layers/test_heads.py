@@ -173,3 +173,26 @@ def test_bad_inputs_name_the_expected_layout():
 
 def test_empty_batch():
     assert CGDHead(8, 'SG', embed_dim=8)(torch.rand(0, 8, 3, 3)).shape == (0, 8)
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(descriptors='S', gem_p='x'), TypeError, 'gem_p must be a float'),  # checked without G too
+    (dict(descriptors='SM', gem_p=-1.0), ValueError, 'gem_p must be > 0'),
+    (dict(descriptors='G', gem_p=math.inf, learnable_p=True), ValueError, 'gem_p=inf'),
+    (dict(descriptors='SG', learnable_p='no'), TypeError, 'learnable_p must be True or False'),
+    (dict(temperature='0.5'), TypeError, 'temperature'), (dict(label_smoothing=1.0), ValueError, 'label_smoothing'),
+])
+def test_head_arguments_are_named_as_the_head_names_them(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CGDHead(8, **kwargs)
+
+
+def test_concat_fc_head_leaves_prefix_tokens_out_as_cgd_head_does():
+    from cgd_heads.layers.variants import ConcatFCHead
+    torch.manual_seed(0)
+    tokens = torch.rand(2, 5, 8)
+    b = ConcatFCHead(8, 'SM', 6, input_fmt='NLC', num_prefix_tokens=1)
+    pooled = b.pool(tokens)
+    assert torch.equal(pooled[0], tokens[:, 1:].mean(1)) and torch.equal(pooled[1], tokens[:, 1:].amax(1))
+    with pytest.raises(ValueError, match='num_prefix_tokens=1 only applies to token inputs'):
+        ConcatFCHead(8, 'SM', 6, num_prefix_tokens=1)
