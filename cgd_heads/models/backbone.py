@@ -65,7 +65,7 @@ def _build_timm_model(model_name: str, pretrained: bool, stride_mode: Optional[s
                       timm_kwargs: Dict[str, Any]) -> Tuple[nn.Module, bool]:
     """Build the timm backbone; returns (backbone, already_dilated by timm's output_stride=16)."""
     kwargs = dict(timm_kwargs, pretrained=pretrained, num_classes=0)
-    if stride_mode == 'dilate' and 'output_stride' not in timm_kwargs:
+    if stride_mode == 'dilate':
         try:
             backbone = timm.create_model(model_name, output_stride=16, **kwargs)
         except (TypeError, AssertionError, ValueError, NotImplementedError) as e:
@@ -135,6 +135,12 @@ def create_backbone(
     check_model_name(model_name)
     if stride_mode not in STRIDE_MODES + (None,):
         raise ValueError(f'stride_mode must be one of {STRIDE_MODES + (None,)}, got {stride_mode!r}')
+    if 'output_stride' in timm_kwargs and stride_mode is not None:
+        # timm's output_stride already dilates the last stage(s); stripping on top would remove a second step
+        raise ValueError(f'output_stride={timm_kwargs["output_stride"]!r} (timm\'s own dilation) with '
+                         f'stride_mode={stride_mode!r} would change the stride twice: pass stride_mode=None to keep '
+                         f'timm\'s output_stride, or leave output_stride out (stride_mode=\'dilate\' is output '
+                         f'stride 16)')
     if pretrained_from is not None and (pretrained or checkpoint_path is not None):
         raise ValueError('pretrained_from cannot be combined with pretrained=True or checkpoint_path: pick one source')
     backbone, dilated_by_timm = _build_timm_model(model_name, pretrained, stride_mode, timm_kwargs)

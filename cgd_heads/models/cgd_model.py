@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 import torch
@@ -177,6 +178,12 @@ def create_model(
     for reserved in ('global_pool', 'features_only'):
         if reserved in kwargs:
             raise ValueError(f'{reserved} is set by create_model (the head pools); remove it from the arguments')
+    for key, value in kwargs.items():  # checked now, not by save_pretrained after the training
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f'{key}={value!r} cannot be saved in the model config (JSON): pass what timm also accepts '
+                            f'as a name or number (e.g. act_layer="relu" instead of a class)') from e
     # Check the head's arguments before the (possibly slow) backbone is built.
     CGDHead(8, descriptors, embed_dim, num_classes=num_classes, **head_kwargs)
     backbone, features, model_state = create_backbone(
@@ -186,6 +193,7 @@ def create_model(
     # Weights sources are not part of the architecture: a saved model reloads its own weights instead.
     config = dict(model_name=model_name, descriptors=descriptors, embed_dim=embed_dim, num_classes=num_classes,
                   stride_mode=features.stride_mode, **head_kwargs, **kwargs)
+    config = json.loads(json.dumps(config))  # as a reload reads it (tuples -> lists), so configs compare equal
     model = CGDModel(backbone, head, config)
     if model_state is not None:
         load_state_dict_strict(

@@ -93,8 +93,17 @@ def load_config(directory: PathLike) -> Dict[str, Any]:
     return config
 
 
+def _as_json(config: Dict[str, Any]) -> Dict[str, Any]:
+    try:
+        return json.loads(json.dumps(config))
+    except (TypeError, ValueError):  # not JSON-serialisable: compared as given
+        return config
+
+
 def config_diff(expected: Dict[str, Any], actual: Dict[str, Any]) -> List[str]:
-    """Human-readable differences ``'key: expected != actual'`` between two model configs (keys of either)."""
+    """Human-readable differences ``'key: expected != actual'`` between two model configs (keys of either), compared
+    as JSON reads them back (a tuple equals the list a saved config holds)."""
+    expected, actual = _as_json(expected), _as_json(actual)
     return [f'{k}: {expected.get(k)!r} != {actual.get(k)!r}' for k in sorted(set(expected) | set(actual))
             if expected.get(k) != actual.get(k)]
 

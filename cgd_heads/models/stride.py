@@ -13,7 +13,9 @@ main path and the shortcut alike). Those are changed in place:
   own padding) and a replicated border for poolings (neutral for max; average repeats the border instead of
   diluting it), added by a forward pre-hook that reads the input size at call time.
 * ``'dilate'``: the same, plus the dilation of every later spatial (k > 1) convolution is doubled, which keeps the
-  receptive field that pretrained weights were trained with (the DeepLab trick; timm's ``output_stride=16``).
+  receptive field that pretrained weights were trained with (the DeepLab trick; timm's ``output_stride=16``, which
+  it matches exactly except where a shortcut average-pools: timm pads that pool with zeros, this module replicates
+  the border, so e.g. ResNet-D's last row and column differ slightly).
 
 When the last step is not done by strided conv/pool layers alone (Swin's patch merging reshapes 2x2 neighbours
 into channels, an Inception block pools with ``F.max_pool2d``, HaloNet's attention subsamples its queries), the

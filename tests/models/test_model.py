@@ -152,3 +152,22 @@ def test_timm_optimizer_factory_with_layer_decay():
     assert len({scale[id(p)] for p in model.backbone.parameters()}) > 2  # really layer-wise
     p_name = next(n for n, _ in model.named_parameters() if n.endswith('.p'))
     assert p_name in model.no_weight_decay() and decay[id(model.get_parameter(p_name))] == 0.0
+
+
+def test_timm_output_stride_is_not_changed_a_second_time():
+    # output_stride=16 already dilates the last stage: stripping on top would give stride 8, silently
+    with pytest.raises(ValueError, match="output_stride=16 .* with stride_mode='strip' would change the stride"):
+        create_model('resnet18', output_stride=16)
+    kept = create_model('resnet18', output_stride=16, stride_mode=None)
+    assert kept.forward_features(torch.randn(1, 3, 64, 64)).shape[-1] == 64 // 16
+
+
+def test_model_config_is_json_as_saved_and_compared():
+    from cgd_heads.models.checkpoint import config_diff
+    with pytest.raises(TypeError, match='act_layer=.* cannot be saved in the model config'):
+        create_model('test_resnet', act_layer=torch.nn.ReLU)
+    # a tuple argument is held as the list a reload reads, and compares equal to either
+    model = create_model('test_vit', img_size=(32, 32), embed_dim=16)
+    assert model.config['img_size'] == [32, 32]
+    assert config_diff(dict(model.config, img_size=(32, 32)), model.config) == []
+    assert config_diff({'img_size': (32, 16)}, {'img_size': [32, 32]}) == ['img_size: [32, 16] != [32, 32]']
