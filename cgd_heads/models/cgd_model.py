@@ -5,6 +5,7 @@ import inspect
 import json
 from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.models import group_parameters
@@ -129,6 +130,13 @@ class CGDModel(nn.Module):
         return self.head.forward_train(self.forward_features(x))
 
 
+def _numpy_scalar(value: Any) -> Any:
+    """``json.dumps`` fallback: a NumPy scalar (e.g. ``embed_dim=np.int64(512)``) as the Python number it holds."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f'Object of type {type(value).__name__} is not JSON serializable')
+
+
 def create_model(
         model_name: str,
         descriptors: str = 'SG',
@@ -180,7 +188,7 @@ def create_model(
             raise ValueError(f'{reserved} is set by create_model (the head pools); remove it from the arguments')
     for key, value in kwargs.items():  # checked now, not by save_pretrained after the training
         try:
-            json.dumps(value)
+            json.dumps(value, default=_numpy_scalar)
         except (TypeError, ValueError) as e:
             raise TypeError(f'{key}={value!r} cannot be saved in the model config (JSON): pass what timm also accepts '
                             f'as a name or number (e.g. act_layer="relu" instead of a class)') from e
@@ -193,7 +201,8 @@ def create_model(
     # Weights sources are not part of the architecture: a saved model reloads its own weights instead.
     config = dict(model_name=model_name, descriptors=descriptors, embed_dim=embed_dim, num_classes=num_classes,
                   stride_mode=features.stride_mode, **head_kwargs, **kwargs)
-    config = json.loads(json.dumps(config))  # as a reload reads it (tuples -> lists), so configs compare equal
+    # as a reload reads it (tuples -> lists, NumPy scalars -> numbers), so configs compare equal
+    config = json.loads(json.dumps(config, default=_numpy_scalar))
     model = CGDModel(backbone, head, config)
     if model_state is not None:
         load_state_dict_strict(

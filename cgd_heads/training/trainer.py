@@ -379,8 +379,8 @@ def _check_val_list(val_list: ImageList) -> None:
         raise ValueError(f'the held-out classes ({len(val_list)} images) have no class with 2 images, so no query '
                          f'has a correct match to find: hold out more classes (val_classes) or none (val_classes=0)')
     if len(counts) < 2:  # every neighbour is then of the query's class: recall@1 = map@r = 1 at every epoch
-        raise ValueError(f'val_classes holds out {len(counts)} class; model selection needs at least 2 held-out '
-                         f'classes (e.g. val_classes=0.2, or an integer >= 2), or none (val_classes=0)')
+        raise ValueError(f'the held-out images are of {len(counts)} class; model selection needs at least 2 '
+                         f'held-out classes (e.g. val_classes=0.2, or an integer >= 2), or none (val_classes=0)')
 
 
 def train(

@@ -171,3 +171,6 @@ def test_model_config_is_json_as_saved_and_compared():
     assert model.config['img_size'] == [32, 32]
     assert config_diff(dict(model.config, img_size=(32, 32)), model.config) == []
     assert config_diff({'img_size': (32, 16)}, {'img_size': [32, 32]}) == ['img_size: [32, 16] != [32, 32]']
+    # NumPy integers pass the argument checks, and the config holds them as the numbers they are
+    import numpy as np
+    assert create_model('test_resnet', embed_dim=np.int64(16), num_classes=np.int64(3)).config['embed_dim'] == 16

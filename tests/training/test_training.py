@@ -266,7 +266,7 @@ def test_a_small_or_damaged_held_out_split_is_handled_before_training(shapes_fol
     small = train(TrainConfig(**dict(TINY, epochs=1)), train_list, tmp_path / 'small', val_list=few)
     assert {'val_recall@1', 'val_recall@4'} <= set(small.history[0]) and 'val_recall@8' not in small.history[0]
     # one held-out class cannot select: every neighbour is of the query's class, R@1 = MAP@R = 1 at every epoch
-    with pytest.raises(ValueError, match='val_classes holds out 1 class; model selection needs at least 2'):
+    with pytest.raises(ValueError, match='the held-out images are of 1 class; model selection needs at least 2'):
         train(TrainConfig(**dict(TINY, epochs=1, val_classes=1)), splits['all'], tmp_path / 'one')
     assert not (tmp_path / 'one').exists()
     # and a held-out count the classes cannot give names the option
