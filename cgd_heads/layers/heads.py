@@ -90,6 +90,16 @@ class AuxSoftmaxHead(nn.Module):
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
 
+def check_input_format(input_fmt: str, num_prefix_tokens: int) -> None:
+    """ValueError unless ``input_fmt`` is one of :data:`INPUT_FORMATS` and prefix tokens come with token inputs."""
+    check_int(num_prefix_tokens, 'num_prefix_tokens', minimum=0)
+    if input_fmt not in INPUT_FORMATS:
+        raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
+    if num_prefix_tokens and input_fmt != 'NLC':
+        raise ValueError(f'num_prefix_tokens={num_prefix_tokens} only applies to token inputs '
+                         f'(input_fmt="NLC"), got input_fmt={input_fmt!r}')
+
+
 def prepare_features(x: torch.Tensor, in_features: int, input_fmt: str, num_prefix_tokens: int = 0,
                      owner: str = 'CGDHead') -> torch.Tensor:
     """Check a feature map against the head's configuration and drop the prefix tokens of an NLC sequence.
@@ -159,18 +169,13 @@ class CGDHead(nn.Module):
         descriptors = parse_descriptors(descriptors)
         check_int(embed_dim, 'embed_dim')
         check_int(num_classes, 'num_classes', minimum=0)
-        check_int(num_prefix_tokens, 'num_prefix_tokens', minimum=0)
         learnable_p = check_bool(learnable_p, 'learnable_p')
         # named here as the head's arguments (the G branch's pooling would call them p / learnable); checked
         # also without G, so a typo does not wait for the day G is added
         gem_p = check_p(gem_p, learnable_p and 'G' in descriptors, 'gem_p')
         if combine not in COMBINE_MODES:
             raise ValueError(f'combine must be one of {COMBINE_MODES}, got {combine!r}')
-        if input_fmt not in INPUT_FORMATS:
-            raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
-        if num_prefix_tokens and input_fmt != 'NLC':
-            raise ValueError(f'num_prefix_tokens={num_prefix_tokens} only applies to token inputs '
-                             f'(input_fmt="NLC"), got input_fmt={input_fmt!r}')
+        check_input_format(input_fmt, num_prefix_tokens)
         n = len(descriptors)
         if combine == 'concat' and embed_dim % n:
             lower = embed_dim - embed_dim % n

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..utils.checks import check_int
-from .heads import DESCRIPTOR_LETTERS, AuxSoftmaxHead, parse_descriptors, prepare_features
-from .pooling import INPUT_FORMATS, GeneralizedPooling
+from .heads import DESCRIPTOR_LETTERS, AuxSoftmaxHead, check_input_format, parse_descriptors, prepare_features
+from .pooling import GeneralizedPooling
 
 __all__ = ['ConcatFCHead']
 
@@ -46,12 +46,7 @@ class ConcatFCHead(nn.Module):
         check_int(in_features, 'in_features')
         check_int(embed_dim, 'embed_dim')
         check_int(num_classes, 'num_classes', minimum=0)
-        check_int(num_prefix_tokens, 'num_prefix_tokens', minimum=0)
-        if input_fmt not in INPUT_FORMATS:
-            raise ValueError(f'input_fmt must be one of {INPUT_FORMATS}, got {input_fmt!r}')
-        if num_prefix_tokens and input_fmt != 'NLC':
-            raise ValueError(f'num_prefix_tokens={num_prefix_tokens} only applies to token inputs '
-                             f'(input_fmt="NLC"), got input_fmt={input_fmt!r}')
+        check_input_format(input_fmt, num_prefix_tokens)
         AuxSoftmaxHead.check_loss_args(temperature, label_smoothing)
         self.in_features = in_features
         self.descriptors = parse_descriptors(descriptors)
