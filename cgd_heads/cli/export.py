@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--checkpoint', required=True, help='checkpoint folder (e.g. RUN/best)')
     p.add_argument('--out', required=True, help='.onnx file to write')
     p.add_argument('--img-size', type=positive_int, default=None, help='default: the size the model was trained at')
-    p.add_argument('--opset', type=positive_int, default=18)
+    p.add_argument('--opset', type=positive_int, default=18, help='ONNX opset version')
     p.add_argument('--no-verify', action='store_true', help='skip the onnxruntime comparison')
     return p
 

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p, required=False)
     p.add_argument('--split', default='test', help='with --data: the split to index')
     p.add_argument('--out', required=True, help='index folder to write')
-    p.add_argument('--index-type', default='flat', choices=list(INDEX_TYPES))
+    p.add_argument('--index-type', default='flat', choices=list(INDEX_TYPES),
+                   help='faiss index kind: flat is exact; the others trade recall for speed (docs/large-galleries.md)')
     p.add_argument('--whiten', metavar='PATH', help='store the embeddings through this saved whitening (cgd-eval '
                                                     '--whiten-out; learned for this model); searches apply it too')
     o = p.add_argument_group('index options (default: the library defaults, see RetrievalIndex)')

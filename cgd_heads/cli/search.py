@@ -24,14 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('queries', nargs='+', help='query image files')
     p.add_argument('--index', required=True, help='index folder written by cgd-index (one index, or shards)')
     p.add_argument('--checkpoint', help='checkpoint folder; default: the one the index was built with')
-    p.add_argument('-k', '--k', type=int, default=5)
+    p.add_argument('-k', '--k', type=int, default=5, help='gallery items returned per query')
     p.add_argument('--qe', type=int, default=0, metavar='N',
                    help='alpha query expansion over the N best gallery items, then search again; 0 = off')
     p.add_argument('--qe-alpha', type=float, default=0.0, metavar='A',
                    help='weight exponent of --qe (0 = plain average; 3 is usual)')
     p.add_argument('--grid', help='write a retrieval grid PNG here')
     p.add_argument('--json', action='store_true', help='print JSON instead of text')
-    p.add_argument('--device', default='auto')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N (embeds the queries)')
     return p
 
 
