@@ -15,7 +15,7 @@ from ..data.image_folder import list_class_folders
 from ..retrieval.extract import extract_embeddings, load_embeddings
 from ..retrieval.index import RetrievalIndex
 from ..retrieval.index_types import INDEX_TYPES
-from ..retrieval.unit_index import DEFAULT_SHARD_SIZE, SHARDS_FILE, build_index_from_units
+from ..retrieval.unit_index import DEFAULT_SHARD_SIZE, SHARDS_FILE, build_index_from_units, save_index
 from ..retrieval.units import EmbeddingUnits, checkpoint_fingerprint
 from ..retrieval.whitening import Whitening
 from ..utils.runtime import amp_dtype, resolve_device
@@ -158,7 +158,7 @@ def _index_embeddings_file(args: argparse.Namespace) -> None:
     index = RetrievalIndex.build(emb, labels=None if labels is None else labels.tolist(), paths=paths,
                                  index_type=args.index_type, metadata=metadata, whitening=whitening,
                                  **_index_kwargs(args))
-    index.save(args.out)
+    save_index(index, args.out)  # replaces a sharded index saved there before
     print(f'indexed {len(index)} embeddings ({_dims(index)}, {args.index_type}) -> {args.out}')
 
 
@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> None:
         metadata['class_names'] = dataset.class_names
     index = RetrievalIndex.build(emb, labels=None if args.no_labels else labels.tolist(), paths=dataset.paths,
                                  index_type=args.index_type, metadata=metadata, whitening=whitening, **index_kwargs)
-    index.save(args.out)
+    save_index(index, args.out)  # replaces a sharded index saved there before
     print(f'indexed {len(index)} images ({_dims(index)}, {args.index_type}) -> {args.out}')
 
 

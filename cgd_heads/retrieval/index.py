@@ -101,7 +101,7 @@ def _check_paths(paths: Any, n: int) -> List[Optional[str]]:
     return out
 
 
-def _check_metadata(metadata: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+def check_metadata(metadata: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """Return a JSON round-tripped copy of ``metadata`` (tuples become lists, as they will after a reload)."""
     if metadata is None:
         return {}
@@ -172,9 +172,9 @@ class RetrievalIndex:
         self._index_type = index_type
         self._labels = _check_labels(list(labels), index.ntotal)
         self._paths = _check_paths(list(paths), index.ntotal)
-        self._metadata = _check_metadata(metadata)
+        self._metadata = check_metadata(metadata)
         self._params = check_params(index, index_type, dict(params or {}))
-        self._whitening = _check_whitening(whitening, index.d, self._metadata)
+        self._whitening = check_whitening(whitening, index.d, self._metadata)
         apply_search_params(index, index_type, self._params)
 
     @classmethod
@@ -211,7 +211,7 @@ class RetrievalIndex:
         """
         x = to_embedding_array(embeddings, 'embeddings', normalize)
         if whitening is not None:
-            _check_whitening(whitening, None, _check_metadata(metadata))  # before any training
+            check_whitening(whitening, None, check_metadata(metadata))  # before any training
             x = _whiten(whitening, x, 'embeddings')
         labels_list = _check_labels(labels, x.shape[0])
         paths_list = _check_paths(paths, x.shape[0])
@@ -277,6 +277,8 @@ class RetrievalIndex:
         k = min(check_int(k, 'k'), len(self))
         qe = min(check_int(qe, 'qe', minimum=0), len(self))
         qe_alpha = check_real(qe_alpha, 'qe_alpha', 0.0)
+        if k == 0:  # an empty index (faiss asserts k > 0)
+            return np.zeros((len(x), 0), dtype=np.float32), np.zeros((len(x), 0), dtype=np.int64)
         if qe > 0:
             x = self._expand(x, qe, qe_alpha)
         scores, ids = self._index.search(x, k)
@@ -490,7 +492,7 @@ class RetrievalIndex:
         if index.d != info['dim']:
             raise ValueError(f'{index_path} has dim {index.d} but {json_path} says dim={info["dim"]}')
         if expected_metadata is not None:
-            compare_metadata(info['metadata'], _check_metadata(expected_metadata), json_path)
+            compare_metadata(info['metadata'], check_metadata(expected_metadata), json_path)
         whitening = _load_whitening(directory, info['whitening'], json_path) if 'whitening' in info else None
         try:
             return cls(index, info['index_type'], info['labels'], info['paths'], info['metadata'], info['params'],
@@ -499,8 +501,8 @@ class RetrievalIndex:
             raise ValueError(f'{json_path} does not match {index_path}: {exc}') from exc
 
 
-def _check_whitening(whitening: Optional[Whitening], dim: Optional[int],
-                     metadata: Dict[str, Any]) -> Optional[Whitening]:
+def check_whitening(whitening: Optional[Whitening], dim: Optional[int],
+                    metadata: Dict[str, Any]) -> Optional[Whitening]:
     """``whitening`` if it is None or a Whitening with output ``dim`` (None: any) whose fingerprint (if any) is the
     one of the model config in ``metadata['model']`` (if any)."""
     if whitening is None:

@@ -43,6 +43,9 @@ def make_index(index_type: str, dim: int, n_train: int, kwargs: Dict[str, Any]) 
         if nprobe > nlist:
             raise ValueError(f'nprobe must be <= nlist ({nlist}), got {nprobe}')
         pq_m = kwargs.get('pq_m')
+        if pq_m is None and kwargs.get('pq_nbits') is not None:
+            raise ValueError(f"pq_nbits={kwargs['pq_nbits']!r} needs pq_m (IVF-PQ); without pq_m the index is "
+                             f"IVF-Flat, which stores whole vectors")
         pq_nbits = check_int(kwargs.get('pq_nbits', 8), 'pq_nbits')
         min_train = nlist
         if pq_m is None:
@@ -85,12 +88,24 @@ def check_params(index: Any, index_type: str, params: Dict[str, Any]) -> Dict[st
     for key, value in params.items():
         if not (key == 'pq_m' and value is None):
             check_int(value, key)
+    if index_type == 'hnsw':
+        m = faiss.downcast_index(index).hnsw.nb_neighbors(1)  # layers above 0 keep M links per node
+        if params['M'] != m:
+            raise ValueError(f"params M={params['M']} but the faiss index has M={m}")
     if index_type == 'ivf':
-        nlist = faiss.extract_index_ivf(index).nlist
-        if params['nlist'] != nlist:
-            raise ValueError(f"params nlist={params['nlist']} but the faiss index has nlist={nlist}")
-        if params['nprobe'] > nlist:
-            raise ValueError(f"nprobe must be <= nlist ({nlist}), got {params['nprobe']}")
+        ivf = faiss.extract_index_ivf(index)
+        if params['nlist'] != ivf.nlist:
+            raise ValueError(f"params nlist={params['nlist']} but the faiss index has nlist={ivf.nlist}")
+        if params['nprobe'] > ivf.nlist:
+            raise ValueError(f"nprobe must be <= nlist ({ivf.nlist}), got {params['nprobe']}")
+        pq = getattr(faiss.downcast_index(ivf), 'pq', None)
+        actual = (None, params['pq_nbits']) if pq is None else (pq.M, pq.nbits)
+        if (params['pq_m'], params['pq_nbits']) != actual:
+            raise ValueError(f"params pq_m={params['pq_m']}, pq_nbits={params['pq_nbits']} but the faiss index "
+                             f"has " + ('no PQ (IVF-Flat)' if pq is None else f'pq_m={pq.M}, pq_nbits={pq.nbits}'))
+        if not index.is_trained:
+            raise ValueError('the faiss IVF index is not trained: train it before wrapping it, or use '
+                             'RetrievalIndex.build')
     return params
 
 

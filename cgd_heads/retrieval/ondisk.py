@@ -76,7 +76,11 @@ def place_ivfdata(index: Any, directory: Path) -> Optional[Dict[str, Any]]:
         try:
             os.link(source, target)
         except OSError:
-            shutil.copyfile(source, target)
+            try:
+                shutil.copyfile(source, target)
+            except BaseException:
+                target.unlink(missing_ok=True)  # a partial copy no index.json will ever name
+                raise
     return {'file': target.name, 'size': target.stat().st_size}
 
 

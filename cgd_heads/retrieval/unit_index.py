@@ -14,7 +14,8 @@ Ids are positions in unit order: the image ids when no image was skipped. For sh
 is ``id`` plus the vectors of the shards before it.
 
 Both layouts are committed by one atomic write of their JSON file (``index.json`` or ``shards.json``), after which
-the files of the other layout, or of a previous build, are deleted; :func:`load_index` opens either.
+the files of the other layout, or of a previous build, are deleted; :func:`load_index` opens either, and refuses a
+folder holding both (a build stopped between the commit and the clean-up), which it could not tell apart.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import numpy as np
 from ..utils.atomic import atomic_write_json
 from ..utils.checks import PathLike, check_int
 from .faiss_import import faiss
-from .index import RetrievalIndex
+from .arrays import to_embedding_array
+from .index import RetrievalIndex, check_metadata, check_whitening
 from .index_file import METADATA_FILE, is_plain_file_name
 from .index_types import INDEX_TYPES, make_index
 from .ondisk import merge_on_disk
@@ -39,7 +41,8 @@ from .shards import ShardedIndex
 from .units import EmbeddingUnit, EmbeddingUnits
 from .whitening import Whitening
 
-__all__ = ['build_index_from_units', 'load_index', 'SHARDS_FILE', 'DEFAULT_SHARD_SIZE', 'default_train_size']
+__all__ = ['build_index_from_units', 'load_index', 'save_index', 'SHARDS_FILE', 'DEFAULT_SHARD_SIZE',
+           'default_train_size']
 
 _logger = logging.getLogger(__name__)
 
@@ -127,6 +130,10 @@ def build_index_from_units(
                 if value is not None}
     meta['units'] = {'directory': str(units.directory.resolve()), 'model_fingerprint': units.model_fingerprint,
                      'list_fingerprint': units.list_fingerprint, 'count': sum(counts)}
+    meta = check_metadata(meta)  # what the saved index would refuse, refused before any vector is read
+    check_whitening(whitening, None, meta)
+    if whitening is not None and whitening.input_dim != units.dim:
+        raise ValueError(f'whitening takes {whitening.input_dim}-d vectors, but the units hold {units.dim}-d ones')
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if index_type == 'ivf':
@@ -157,6 +164,10 @@ def load_index(directory: PathLike,
     path = directory / SHARDS_FILE
     if not path.is_file():
         return RetrievalIndex.load(directory, expected_metadata)
+    if (directory / METADATA_FILE).is_file():
+        raise ValueError(f'{directory} holds two saved indexes, {METADATA_FILE} and {SHARDS_FILE} (a build was '
+                         f'stopped before it removed the previous one, or RetrievalIndex.save wrote over a sharded '
+                         f'index: use save_index): build it again, or delete the one that is not wanted')
     info = _read_shards_json(path)
     shards = [RetrievalIndex.load(directory / s['folder'], expected_metadata) for s in info['shards']]
     for shard, record in zip(shards, info['shards']):
@@ -166,8 +177,18 @@ def load_index(directory: PathLike,
     return ShardedIndex(shards)
 
 
+def save_index(index: RetrievalIndex, directory: PathLike) -> Path:
+    """Save ``index`` into ``directory`` with :meth:`RetrievalIndex.save`, replacing the index saved there before
+    in either layout (a sharded one too, which ``RetrievalIndex.save`` alone would leave beside it)."""
+    directory = index.save(directory)
+    _remove_shards_layout(directory)
+    return directory
+
+
 def _vectors(unit: EmbeddingUnit, whitening: Optional[Whitening]) -> np.ndarray:
-    x = np.ascontiguousarray(unit.embeddings, dtype=np.float32)
+    # the checks RetrievalIndex.build makes (finite, unit norm): an IVF index built from units is filled directly
+    x = to_embedding_array(unit.embeddings, f'the embeddings of unit {unit.index}') if len(unit) else \
+        np.ascontiguousarray(unit.embeddings, dtype=np.float32)
     return whitening.apply(x) if whitening is not None and len(x) else x
 
 
@@ -213,6 +234,7 @@ def _build_ivf(units: EmbeddingUnits, counts: List[int], trained: Tuple[Any, Dic
         trained_file = directory / f'.trained.{uuid.uuid4().hex}.faiss'
         faiss.write_index(index, str(trained_file))
         parts: List[Path] = []
+        lists_file = directory / f'index.{uuid.uuid4().hex}.ivfdata'
         try:
             offset = 0
             for group in _groups(counts, shard_size):
@@ -227,11 +249,19 @@ def _build_ivf(units: EmbeddingUnits, counts: List[int], trained: Tuple[Any, Dic
                 parts.append(directory / f'.part.{uuid.uuid4().hex}.faiss')
                 faiss.write_index(part, str(parts[-1]))
                 del part
-            merge_on_disk(index, parts, directory / f'index.{uuid.uuid4().hex}.ivfdata')
+            merge_on_disk(index, parts, lists_file)
+        except BaseException:
+            lists_file.unlink(missing_ok=True)  # named by nothing yet
+            raise
         finally:
             for path in [trained_file, *parts]:
                 path.unlink(missing_ok=True)
-    RetrievalIndex(index, 'ivf', labels, paths, metadata, params, whitening).save(directory)
+    try:
+        RetrievalIndex(index, 'ivf', labels, paths, metadata, params, whitening).save(directory)
+    except BaseException:
+        if on_disk and not _named_by_index_json(directory, lists_file.name):
+            lists_file.unlink(missing_ok=True)
+        raise
 
 
 def _groups(counts: List[int], size: int) -> Iterator[List[int]]:
@@ -312,6 +342,14 @@ def _remove_shards_layout(directory: Path) -> None:
     (directory / SHARDS_FILE).unlink(missing_ok=True)
     for name in folders:
         shutil.rmtree(directory / name, ignore_errors=True)
+
+
+def _named_by_index_json(directory: Path, name: str) -> bool:
+    try:
+        info = json.loads((directory / METADATA_FILE).read_text(encoding='utf-8'))
+        return (info.get('ivfdata') or {}).get('file') == name
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _remove_single_layout(directory: Path) -> None:
