@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..utils.checks import PathLike, check_int
 from ..utils.distributed import DistributedContext, init_distributed
 from ..utils.runtime import resolve_device
-from .extract import extract_embeddings
+from .extract import check_views, extract_embeddings
 from .units import DEFAULT_UNIT_SIZE, EmbeddingUnits, list_fingerprint, weights_fingerprint
 
 __all__ = ['extract_units', 'rank_device', 'KILL_ENV']
@@ -56,16 +56,18 @@ def rank_device(device: Union[str, torch.device, None], context: DistributedCont
     return device
 
 
-def _check_inputs(dataset: Dataset, paths: Sequence[Optional[str]], labels: Sequence[int],
-                  unit_size: int) -> Tuple[int, int]:
-    """(number of items, unit size) after checking that the three sequences agree and are not empty."""
+def _check_inputs(dataset: Dataset, paths: Sequence[Optional[str]], labels: Sequence[int], unit_size: int,
+                  batch_size: int, flip: bool, scales: Sequence[float]) -> Tuple[int, int, bool, Tuple[float, ...]]:
+    """(number of items, unit size, flip, scales) after checking that the three sequences agree and are not empty,
+    and the views and batch size (before the manifest records them: a bad value would block every later run)."""
     n = len(paths)
     if len(dataset) != n or len(labels) != n:
         raise ValueError(f'dataset, paths and labels must have the same length, got {len(dataset)}, {n} and '
                          f'{len(labels)}')
     if n == 0:
         raise ValueError('the image list is empty: nothing to embed')
-    return n, check_int(unit_size, 'unit_size')
+    check_int(batch_size, 'batch_size')
+    return (n, check_int(unit_size, 'unit_size'), *check_views(flip, scales))
 
 
 def extract_units(
@@ -121,7 +123,7 @@ def extract_units(
     Raises:
         ValueError: the folder holds units of another model, image list, preprocessing or unit size.
     """
-    n, unit_size = _check_inputs(dataset, paths, labels, unit_size)
+    n, unit_size, flip, scales = _check_inputs(dataset, paths, labels, unit_size, batch_size, flip, scales)
     context = context if context is not None else init_distributed(resolve_device(device).type)
     device = rank_device(device, context)
     record = dict(preprocessing or {}, flip=bool(flip), scales=[float(s) for s in scales],

@@ -13,10 +13,23 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..utils.atomic import atomic_path
-from ..utils.checks import PathLike
+from ..utils.checks import PathLike, check_bool, check_float
 from ..utils.runtime import autocast, resolve_device
 
-__all__ = ['extract_embeddings', 'save_embeddings', 'load_embeddings']
+__all__ = ['extract_embeddings', 'save_embeddings', 'load_embeddings', 'check_views']
+
+
+def check_views(flip: Any, scales: Any) -> Tuple[bool, Tuple[float, ...]]:
+    """``(flip, scales)`` checked: a bool, and a non-empty sequence of finite reals > 0 (as floats).
+
+    Raises:
+        TypeError: ``flip`` is not a bool, ``scales`` not a sequence of numbers.
+        ValueError: ``scales`` is empty or holds a value <= 0 or not finite.
+    """
+    flip = check_bool(flip, 'flip')
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or not len(scales):
+        raise ValueError(f'scales must be a non-empty sequence of positive floats, got {scales!r}')
+    return flip, tuple(check_float(s, f'scales[{i}]', minimum=0.0, above=True) for i, s in enumerate(scales))
 
 
 @torch.no_grad()
@@ -51,8 +64,7 @@ def extract_embeddings(
     Returns:
         ``(embeddings, labels)``: float32 ``(N, D)`` on the CPU, unit norm, and int64 ``(N,)``.
     """
-    if not scales or any(not (isinstance(s, (int, float)) and s > 0) for s in scales):
-        raise ValueError(f'scales must be a non-empty sequence of positive floats, got {scales!r}')
+    flip, scales = check_views(flip, scales)
     device = resolve_device(device)
     loader = data if isinstance(data, DataLoader) else DataLoader(
         data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == 'cuda')
@@ -82,6 +94,9 @@ def extract_embeddings(
 def save_embeddings(path: PathLike, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None,
                     paths: Optional[List[str]] = None, metadata: Optional[Dict[str, Any]] = None) -> None:
     """Write embeddings (and labels, image paths, metadata) to one ``.safetensors`` file, atomically, no pickle."""
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f'embeddings must be a torch.Tensor (torch.from_numpy for an array), '
+                        f'got {type(embeddings).__name__}')
     if embeddings.ndim != 2:
         raise ValueError(f'embeddings must be (N, D), got {tuple(embeddings.shape)}')
     n = embeddings.shape[0]

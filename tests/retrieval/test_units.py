@@ -98,6 +98,17 @@ def test_the_manifest_refuses_another_model_list_preprocessing_or_unit_size(gall
         _extract(gallery, tmp_path / 'units')
 
 
+def test_bad_views_are_refused_before_the_manifest_records_them(gallery, tmp_path):
+    for scales, error in (((0.0,), ValueError), ((1.0, float('inf')), ValueError), ((), ValueError),
+                          (('1',), TypeError)):
+        with pytest.raises(error, match='scales'):
+            _extract(gallery, tmp_path / 'units', scales=scales)
+    with pytest.raises(TypeError, match="flip must be True or False, got str 'no'"):
+        _extract(gallery, tmp_path / 'units', flip='no')
+    assert not (tmp_path / 'units').exists()  # nothing recorded: a correct rerun is not refused as another setup
+    assert sum(_extract(gallery, tmp_path / 'units', scales=(1.0,)).unit_counts()) == 48
+
+
 def test_checkpoint_fingerprint_changes_with_the_weights_or_the_config(gallery, tmp_path):
     model, _, _, checkpoint = gallery
     copy = shutil.copytree(checkpoint, tmp_path / 'copy')
