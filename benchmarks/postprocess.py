@@ -451,7 +451,8 @@ def run_step(step: str, x: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
     elif step == 'dba':
         timed('augment', lambda: database_augmentation(x, s['dba'], s['alpha']))
     elif step == 'rerank-sparse':
-        top = int(max(8, np.bincount(labels).max() - 1))  # what MAP@R reads: the largest R
+        # what MAP@R reads, the largest R (at least 8), but never more than the N - 1 others a query ranks
+        top = int(min(max(8, np.bincount(labels).max() - 1), len(x) - 1))
         timed('rerank', lambda: k_reciprocal_rerank_sparse(x, x, *s['rerank'], top=top, query_vs_rest=True))
     elif step == 'rerank-dense':
         timed('rerank', lambda: k_reciprocal_rerank_dense(x, x, *s['rerank'], query_vs_rest=True))
@@ -531,7 +532,7 @@ def write_cost(args: argparse.Namespace, argv: List[str], rows: List[Dict[str, A
            'peaks are counted above the warm-up\'s peak instead and may be too low.'),
         f'- Steps: {"; ".join(STEP_NAMES[k].format(**s) for k in STEPS)}. Query-vs-rest: every item queries the '
         'others (the whole collection is both queries and database); sparse re-ranking returns lists of the '
-        'largest class size - 1 (what MAP@R reads).',
+        'largest class size - 1 (what MAP@R reads; at least 8, at most N - 1).',
         f'- Dense re-ranking is run only where its ~{DENSE_MATRICES} N x N float64 matrices (estimate: '
         f'{DENSE_MATRICES} x 8 N^2 bytes) fit in --dense-max-gb {args.dense_max_gb:g} GB; '
         f'dense-only sizes {list(args.dense_sizes)} compare it with the sparse version where it fits.',

@@ -109,3 +109,13 @@ def test_validation_classes_default_to_the_checkpoint_runs_own(tmp_path, monkeyp
     assert 'as given' in resolved(tmp_path / 'run' / 'best', val_classes=0.3)[2]
     assert resolved(tmp_path / 'elsewhere' / 'best')[:2] == (0.2, 0)
     assert 'may include classes it trained on' in resolved(tmp_path / 'elsewhere' / 'best')[2]
+
+
+@pytest.mark.parametrize('n', [2, 6, 9])
+def test_the_cost_steps_run_on_galleries_smaller_than_eight(n, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))
+    import postprocess
+
+    x, labels = postprocess.synthetic_embeddings(n, 8)
+    parts = postprocess.run_step('rerank-sparse', x, labels)  # asked for 8 neighbours of 5 before
+    assert set(parts) == {'rerank'} and parts['rerank'] >= 0

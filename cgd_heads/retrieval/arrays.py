@@ -6,6 +6,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from ..utils.checks import check_bool
+
 __all__ = ['ArrayLike', 'to_embedding_array', 'UNIT_NORM_TOLERANCE']
 
 #: Largest accepted ``| ||x|| - 1 |`` for an embedding to count as unit norm. Loose enough for embeddings stored
@@ -37,6 +39,7 @@ def to_embedding_array(x: Any, name: str = 'embeddings', normalize: bool = False
         ValueError: wrong rank, empty, non-finite values, zero rows (``normalize=True``) or rows that are not
             unit norm (``normalize=False``).
     """
+    normalize = check_bool(normalize, 'normalize')
     if isinstance(x, torch.Tensor):
         if not x.is_floating_point():
             raise TypeError(f'{name} must have a floating dtype, got torch tensor of dtype {x.dtype}')

@@ -20,6 +20,9 @@ def as_labels(labels: Any, n: int, name: str) -> np.ndarray:
             raise TypeError(
                 f'{name} must be a 1-D tensor, array or sequence of ints or strs, got {type(labels).__name__}'
             )
+        texts = [isinstance(v, (str, bytes)) for v in labels]
+        if any(texts) and not all(texts):  # numpy would turn the ints into strings: 1 and '1' one class
+            raise TypeError(f'{name} must hold only ints or only strs, got a mix of both')
         labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f'{name} must be 1-D, got shape {labels.shape}')

@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..utils.checks import check_int
+from ..utils.checks import check_bool, check_int
 from .arrays import ArrayLike, to_embedding_array
 from .checks import as_labels as _as_labels
 from .clustering import normalized_mutual_info
@@ -82,6 +82,12 @@ def _encode_labels(query_labels: np.ndarray, gallery_labels: np.ndarray) -> Tupl
             f'labels and gallery_labels must both be ints or both be strs, got dtypes {query_labels.dtype} '
             f'and {gallery_labels.dtype}'
         )
+    if {query_labels.dtype.kind, gallery_labels.dtype.kind} == {'i', 'u'}:
+        # numpy promotes int64 + uint64 to float64, which merges labels >= 2**53: compare as int64
+        for arr, name in ((query_labels, 'labels'), (gallery_labels, 'gallery_labels')):
+            if arr.dtype.kind == 'u' and len(arr) and arr.max() > np.iinfo(np.int64).max:
+                raise ValueError(f'{name} holds unsigned labels above the int64 range; pass both as one dtype')
+        query_labels, gallery_labels = query_labels.astype(np.int64), gallery_labels.astype(np.int64)
     _, codes = np.unique(np.concatenate([query_labels, gallery_labels]), return_inverse=True)
     codes = codes.reshape(-1).astype(np.int64)
     return codes[:len(query_labels)], codes[len(query_labels):], int(codes.max()) + 1
@@ -153,6 +159,7 @@ def evaluate_retrieval(
         ValueError: empty or mis-shaped input, non-finite or non-unit embeddings, dims or lengths that
             disagree, a K larger than the ranked gallery, or no query with any same-class gallery item.
     """
+    nmi = check_bool(nmi, 'nmi')
     queries, query_labels, gallery, gallery_label_arr, ks, chunk_size, max_r = check_inputs(
         embeddings, labels, ks, gallery_embeddings, gallery_labels, chunk_size, max_r, normalize)
     protocol = retrieval_protocol(query_labels, gallery_label_arr, ks, max_r, gallery_embeddings is None)

@@ -33,7 +33,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..utils.checks import check_int
+from ..utils.checks import check_bool, check_int
 from .arrays import ArrayLike, to_embedding_array
 from .checks import check_real, check_same_dim
 from .clustering import normalized_mutual_info
@@ -236,6 +236,7 @@ def evaluate_postprocessed(
     """
     if not isinstance(postprocess, PostProcess):
         raise TypeError(f'postprocess must be a PostProcess, got {type(postprocess).__name__}')
+    nmi = check_bool(nmi, 'nmi')
     queries, query_labels, gallery, gallery_label_arr, ks, chunk_size, max_r = check_inputs(
         embeddings, labels, ks, gallery_embeddings, gallery_labels, chunk_size, max_r, normalize)
     rest = gallery_embeddings is None

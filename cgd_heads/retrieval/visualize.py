@@ -65,7 +65,9 @@ def _to_pil(source: Any, name: str) -> Image.Image:
     if isinstance(source, torch.Tensor):
         if source.ndim == 3:  # CHW -> HWC, numpy's layout
             source = source.permute(1, 2, 0)
-        source = source.detach().cpu().numpy()
+        source = source.detach().cpu()
+        # bf16 / fp16 have no (or a lossy) numpy form: floats go through float32, like embeddings
+        source = (source.float() if source.is_floating_point() else source).numpy()
     if isinstance(source, np.ndarray):
         return _array_to_pil(source, name)
     raise TypeError(

@@ -271,3 +271,25 @@ def test_missing_faiss_fails_at_import(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ImportError, match='pip install faiss-cpu'):
         importlib.import_module('cgd_heads.retrieval.metrics')
+
+
+def test_labels_mixing_ints_and_strs_or_int_kinds_are_not_merged():
+    x = np.array([[1, 0], [0.99, 0.141], [0, 1], [0.141, 0.99]], np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with pytest.raises(TypeError, match='labels must hold only ints or only strs'):
+        evaluate_retrieval(x, [1, '1', 2, '2'], ks=(1,))  # was: one class per pair, R@1 = MAP@R = 1
+    # int64 + uint64 promote to float64 in numpy, which merges 2**53 and 2**53 + 1: compared as int64 now
+    eye = np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError, match='no query has a same-class item'):
+        evaluate_retrieval(eye, np.array([2 ** 53 + 1] * 4, np.uint64), ks=(1,), gallery_embeddings=eye,
+                           gallery_labels=np.array([2 ** 53, 7, 7, 7], np.int64))
+    mixed = evaluate_retrieval(eye, np.array([3, 3, 4, 4], np.uint64), ks=(1,), gallery_embeddings=eye,
+                               gallery_labels=np.array([3, 4, 4, 3], np.int64))
+    assert mixed['recall@1'] == 0.5  # items 0 and 2 find their own class at rank 1
+
+
+@pytest.mark.parametrize('flag', ['normalize', 'nmi'])
+def test_yes_no_arguments_refuse_strings(flag):
+    x = np.eye(4, dtype=np.float32)
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got str 'no'"):
+        evaluate_retrieval(3 * x if flag == 'normalize' else x, [0, 0, 1, 1], ks=(1,), **{flag: 'no'})

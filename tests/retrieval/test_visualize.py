@@ -140,3 +140,12 @@ def test_bad_arguments(tmp_path, images, kwargs, error, match):
     with pytest.raises(error, match=match):
         save_retrieval_grid(**args)
     assert not (tmp_path / 'grid.png').exists()
+
+
+def test_half_precision_tensors_are_drawn_like_float32(tmp_path):
+    image = torch.rand(3, 16, 16)
+    grids = [np.asarray(Image.open(save_retrieval_grid([image.to(dtype)], [0], [[]], [[]], tmp_path / f'{i}.png',
+                                                       thumb_size=16, border=BORDER, gap=GAP)))
+             for i, dtype in enumerate((torch.float32, torch.bfloat16))]
+    # bf16 keeps 8 bits of mantissa: each pixel within one or two of the float32 drawing
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0].astype(int) - grids[1]).max() <= 2
