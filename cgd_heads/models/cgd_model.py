@@ -67,7 +67,7 @@ class CGDModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: PathLike, map_location: str = 'cpu') -> 'CGDModel':
-        """Rebuild a model saved with :meth:`save_pretrained`, fully offline."""
+        """Rebuild a model saved with :meth:`save_pretrained`, fully offline, in eval mode (:func:`load_pretrained`)."""
         return load_pretrained(directory, map_location=map_location)
 
     def get_classifier(self) -> nn.Module:
@@ -227,7 +227,9 @@ def load_pretrained(
         return_config: Also return the folder's whole ``config.json`` (data config, class names, ...), read once.
 
     Returns:
-        The model, or ``(model, config)`` with ``return_config=True``.
+        The model in eval mode (BatchNorm on its saved running statistics: a plain ``model(x)`` gives the saved
+        model's embeddings and changes nothing; call ``.train()`` to fine-tune it), or ``(model, config)`` with
+        ``return_config=True``.
     """
     directory = resolve_dir(directory)
     config = load_config(directory)
@@ -236,5 +238,5 @@ def load_pretrained(
         if diff:
             raise ValueError(f'checkpoint {directory} was made with another model configuration: '
                              f'{"; ".join(diff)} (expected != checkpoint)')
-    model = load_weights(create_model(**config['model']), directory, map_location).to(map_location)
+    model = load_weights(create_model(**config['model']), directory, map_location).to(map_location).eval()
     return (model, config) if return_config else model

@@ -52,7 +52,8 @@ def save_pretrained(
     Args:
         model: A model from :func:`cgd_heads.create_model` (its ``config`` rebuilds it).
         directory: Destination folder; replaced as a whole.
-        extra: JSON-serialisable entries added to ``config.json`` (e.g. ``{"data": ..., "epoch": 3}``).
+        extra: JSON-serialisable entries added to ``config.json`` (e.g. ``{"data": ..., "epoch": 3}``); its keys
+            must not be the ones this function writes (``model``, ``format``, ...).
         training_state: Nested dict of tensors and JSON values (optimizer/scheduler state dicts, counters).
 
     Returns:
@@ -63,6 +64,9 @@ def save_pretrained(
         raise TypeError('save_pretrained needs a CGDModel built by cgd_heads.create_model (its config rebuilds it)')
     config = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'cgd_heads_version': __version__,
               'model': model.config, 'pretrained_cfg': _jsonable(model.pretrained_cfg)}
+    clash = sorted(set(extra or {}) & set(config))
+    if clash:  # 'model' would replace the config that rebuilds the model, 'format' make the folder unreadable
+        raise ValueError(f'extra must not hold the keys save_pretrained writes itself, got {clash}')
     config.update(extra or {})
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
@@ -156,10 +160,16 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _encode(obj: Any, path: str, tensors: Dict[str, torch.Tensor]) -> Any:
-    """JSON skeleton of a nested state; tensors are moved to ``tensors`` and referenced by key."""
+    """JSON skeleton of a nested state; tensors are moved to ``tensors`` and referenced by key.
+
+    A key is the tensor's path made unique by a counter: paths alone can collide (``{1: a, '1': b}``, or ``'a.b'``
+    against ``{'a': {'b': ...}}``) and one tensor would silently replace the other. :func:`_decode` reads the keys
+    from the skeleton, so states saved with plain paths load as before.
+    """
     if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().to('cpu').contiguous().clone()
-        return {'__tensor__': path}
+        key = f'{len(tensors)}:{path}'
+        tensors[key] = obj.detach().to('cpu').contiguous().clone()
+        return {'__tensor__': key}
     if isinstance(obj, dict):
         # optimizer states are keyed by int parameter ids: keep key types by storing pairs
         return {'__dict__': [[k, _encode(v, f'{path}.{k}', tensors)] for k, v in obj.items()]}

@@ -100,3 +100,29 @@ def test_weights_that_do_not_match_the_config(model, tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match='does not match the model described by config.json'):
         load_pretrained(tmp_path / 'ckpt')
+
+
+def test_a_reloaded_model_is_in_eval_mode_and_a_plain_call_changes_nothing(model, tmp_path):
+    model.save_pretrained(tmp_path / 'ckpt')
+    x = torch.randn(4, 3, 64, 64)
+    for loaded in (load_pretrained(tmp_path / 'ckpt'), CGDModel.from_pretrained(tmp_path / 'ckpt')):
+        assert not loaded.training
+        before = {k: v.clone() for k, v in loaded.state_dict().items()}
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))  # BatchNorm on the saved statistics, not the batch's
+        assert all(torch.equal(before[k], v) for k, v in loaded.state_dict().items())
+
+
+def test_training_state_keys_that_flatten_alike_keep_their_own_tensors(model, tmp_path):
+    state = {'x': {1: torch.tensor([1.0]), '1': torch.tensor([2.0])},
+             'a.b': torch.tensor([3.0]), 'a': {'b': torch.tensor([4.0])}}
+    save_pretrained(model, tmp_path / 'ckpt', training_state=state)
+    loaded = load_training_state(tmp_path / 'ckpt')
+    assert loaded['x'][1].item() == 1.0 and loaded['x']['1'].item() == 2.0
+    assert loaded['a.b'].item() == 3.0 and loaded['a']['b'].item() == 4.0
+
+
+def test_extra_cannot_replace_what_rebuilds_the_model(model, tmp_path):
+    with pytest.raises(ValueError, match=r"extra must not hold the keys save_pretrained writes itself, got \['model'\]"):
+        save_pretrained(model, tmp_path / 'ckpt', extra={'model': {'model_name': 'resnet50'}, 'epoch': 1})
+    assert not (tmp_path / 'ckpt').exists()
