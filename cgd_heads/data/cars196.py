@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..utils.checks import PathLike
+from ..utils.checks import PathLike, check_bool
 from .annotation_files import require_dir, require_file
 from .class_id_split import split_by_class_id
 from .image_folder import list_class_folders
@@ -159,6 +159,7 @@ def read_cars196(root: PathLike, crop: bool = False) -> Dict[str, ImageList]:
         FileNotFoundError: If ``root`` or a needed file/folder is missing.
         ValueError: If an annotation file is malformed.
     """
+    crop = check_bool(crop, 'crop')
     root = require_dir(root, 'CARS196 root')
     if (root / 'cars_annos.mat').is_file():
         items, class_names = _read_combined(root, crop)

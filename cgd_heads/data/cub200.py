@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
-from ..utils.checks import PathLike
+from ..utils.checks import PathLike, check_bool
 from .annotation_files import parse_field, read_rows, require_dir, require_file
 from .class_id_split import split_by_class_id
 from .image_list import Box, ImageList
@@ -78,6 +78,7 @@ def read_cub200(root: PathLike, crop: bool = False) -> Dict[str, ImageList]:
             ``crop``).
         ValueError: If the files disagree (an image without a class, an unknown class id, a malformed line).
     """
+    crop = check_bool(crop, 'crop')
     base = find_cub200_dir(root)
     image_dir = require_dir(base / 'images', 'CUB-200-2011 images')
     images = _id_table(require_file(base / 'images.txt', 'CUB-200-2011 image list'), str, 'path')

@@ -6,6 +6,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from torch.utils.data import Dataset
 
+from ..utils.checks import check_bool
 from .image_io import load_rgb_image, verify_image
 from .image_list import ImageList
 
@@ -53,7 +54,7 @@ class ImageDataset(Dataset):
             raise TypeError(f'transform must be callable or None, got {type(transform).__name__}')
         self.transform = transform
         self.skipped: List[str] = []
-        if skip_bad_images:
+        if check_bool(skip_bad_images, 'skip_bad_images'):
             image_list = self._without_bad_images(image_list)
         self.image_list = image_list
 

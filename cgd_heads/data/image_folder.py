@@ -100,6 +100,9 @@ def read_image_folder(
     """
     root = require_dir(root, 'image folder root')
     classes = list_class_folders(root)
+    if isinstance(exclude, (str, bytes, os.PathLike)):  # set('12') would exclude classes '1' and '2'
+        raise TypeError(f'exclude must be a list of class folder names, got {type(exclude).__name__} {exclude!r}; '
+                        f'for one class pass [{exclude!r}]')
     exclude = set(exclude)
     unknown = sorted(exclude - set(classes))
     if unknown:
@@ -115,7 +118,7 @@ def read_image_folder(
     paths: List[str] = []
     image_classes: List[str] = []
     for name in classes:
-        images = _images_below(root / name)
+        images = _images_below(root / name, follow_links=True)  # as torchvision's ImageFolder: linked sub-folders too
         if not images:
             raise FileNotFoundError(f'class folder {root / name} has no images (extensions: '
                                     f'{", ".join(IMG_EXTENSIONS)}); remove it or pass exclude=[{name!r}]')

@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
 
-from ..utils.checks import check_int
+from ..utils.checks import check_bool, check_int
 
 __all__ = ['create_cgd_transform', 'data_config_of', 'CGD_RESIZE_RATIO']
 
@@ -83,7 +83,7 @@ def create_cgd_transform(
         raise ValueError(f"data_config['interpolation'] must be a timm interpolation name such as 'bilinear', "
                          f"'bicubic', 'nearest' or 'lanczos', got {interp_name!r}") from e
     normalize = [T.ToTensor(), T.Normalize(mean=mean, std=std)]
-    if not is_training:
+    if not check_bool(is_training, 'is_training'):  # 'False' must not give the training transform
         return T.Compose([T.Resize((img_size, img_size), interpolation=interpolation), *normalize])
     if resize_size is None:
         resize_size = round(img_size * CGD_RESIZE_RATIO)

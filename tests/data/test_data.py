@@ -479,6 +479,20 @@ class TestImageFolder:
         with pytest.raises(FileNotFoundError, match='missing'):
             list_images(tmp_path / 'missing')
 
+    def test_exclude_as_one_string_and_linked_folders_inside_a_class(self, tmp_path):
+        for name in ('1', '2', '12', '3'):
+            write_image(tmp_path / 'data' / name / 'a.png')
+        with pytest.raises(TypeError, match=r"exclude must be a list.*pass \['12'\]"):
+            read_image_folder(tmp_path / 'data', exclude='12')  # was: classes '1' and '2' left out, '12' kept
+        assert read_image_folder(tmp_path / 'data', exclude=['12'])['all'].class_names == ['1', '2', '3']
+        write_image(tmp_path / 'extra' / 'b.png')
+        write_image(tmp_path / 'extra' / 'c.png')
+        os.symlink(tmp_path / 'extra', tmp_path / 'data' / '3' / 'more')
+        images = read_image_folder(tmp_path / 'data')['all']  # as list_images (and torchvision): links followed
+        assert sorted(os.path.basename(p) for p, c in zip(images.paths, images.labels)
+                      if images.class_names[c] == '3') == ['a.png', 'b.png', 'c.png']
+        assert len(images) == len(list_images(tmp_path / 'data')) == 6
+
 
 def write_csv(path, rows, header=('path', 'label', 'split')):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -487,6 +501,19 @@ def write_csv(path, rows, header=('path', 'label', 'split')):
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+def test_yes_no_options_refuse_strings(tmp_path):
+    write_cub(tmp_path / 'cub')
+    write_cars_devkit(tmp_path / 'cars')
+    write_image(tmp_path / 'data' / 'a' / '1.png')
+    images = read_image_folder(tmp_path / 'data')['all']
+    for call, name in ((lambda v: create_cgd_transform(IMAGENET_CONFIG, is_training=v, img_size=8), 'is_training'),
+                       (lambda v: ImageDataset(images, skip_bad_images=v), 'skip_bad_images'),
+                       (lambda v: read_cars196(tmp_path / 'cars', crop=v), 'crop'),
+                       (lambda v: read_cub200(tmp_path / 'cub', crop=v), 'crop')):
+        with pytest.raises(TypeError, match=f"{name} must be True or False, got str 'False'"):
+            call('False')  # a truthy string: was the training transform, the decoding pass, the boxes
+        call(False)
 
 
 class TestCsv:
