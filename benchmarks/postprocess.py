@@ -566,8 +566,8 @@ def sizes(text: str) -> List[int]:
         values = [int(v) for v in text.split(',')]
     except ValueError:
         raise argparse.ArgumentTypeError(f'expected comma-separated ints such as 20000,60000, got {text!r}') from None
-    if any(v < 2 for v in values):
-        raise argparse.ArgumentTypeError(f'sizes must be ints >= 2, got {text!r}')
+    if any(v < 10 for v in values):  # smaller collections may draw a single class (learned whitening needs two)
+        raise argparse.ArgumentTypeError(f'sizes must be ints >= 10, got {text!r}')
     return values
 
 

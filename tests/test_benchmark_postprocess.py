@@ -119,3 +119,16 @@ def test_the_cost_steps_run_on_galleries_smaller_than_eight(n, monkeypatch):
     x, labels = postprocess.synthetic_embeddings(n, 8)
     parts = postprocess.run_step('rerank-sparse', x, labels)  # asked for 8 neighbours of 5 before
     assert set(parts) == {'rerank'} and parts['rerank'] >= 0
+
+
+def test_every_cost_step_runs_at_the_smallest_size_the_option_takes(monkeypatch):
+    import argparse
+    monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))
+    import postprocess
+
+    with pytest.raises(argparse.ArgumentTypeError, match='>= 10'):
+        postprocess.sizes('9')  # 2 and 3 drew a single class: learned whitening failed
+    n = postprocess.sizes('10')[0]
+    x, labels = postprocess.synthetic_embeddings(n, 8)
+    for step in postprocess.STEPS:
+        assert all(seconds >= 0 for seconds in postprocess.run_step(step, x, labels).values()), step

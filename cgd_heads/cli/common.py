@@ -23,6 +23,7 @@ from ..retrieval.postprocess import PostProcess, evaluate_postprocessed
 from ..retrieval.units import DEFAULT_UNIT_SIZE, MANIFEST_FILE, NO_LABEL, EmbeddingUnits
 from ..retrieval.whitening import Whitening, model_fingerprint
 from ..training.config import TrainConfig
+from ..utils.checks import check_bool
 from ..utils.distributed import DistributedContext, init_distributed
 from ..utils.runtime import amp_dtype, resolve_device
 from ..utils.settings import add_options, count_or_fraction
@@ -325,13 +326,14 @@ def extract_list_units(model: torch.nn.Module, image_list: ImageList, data_confi
     boxes = None if image_list.boxes is None else \
         'sha256:' + hashlib.sha256(json.dumps(image_list.boxes).encode()).hexdigest()
     paths = image_list.paths
+    check_item = (lambda i: verify_image(paths[i])) if check_bool(skip_bad_images, 'skip_bad_images') else None
     return extract_units(
         model, ImageDataset(image_list, eval_transform(data_config)), directory, paths,
         image_list.labels if labelled else [NO_LABEL] * len(paths),
         fingerprint=fingerprint, preprocessing={'data_config': data_config, 'boxes': boxes}, unit_size=unit_size,
         batch_size=batch_size, device=torch_device, flip=flip, scales=scales, num_workers=num_workers,
         amp_dtype=amp_dtype(amp, torch_device), progress=progress,
-        check_item=(lambda i: verify_image(paths[i])) if skip_bad_images else None, context=context,
+        check_item=check_item, context=context,
         class_names=image_list.class_names if labelled else None)
 
 

@@ -36,6 +36,7 @@ from ..models.cgd_model import CGDModel
 from ..retrieval.extract import extract_embeddings
 from ..retrieval.index import RetrievalIndex
 from ..retrieval.postprocess import PostProcess
+from ..retrieval.unit_index import save_index
 from ..retrieval.visualize import save_retrieval_grid
 from ..retrieval.whitening import Whitening, model_fingerprint
 from ..training.config import TrainConfig
@@ -199,7 +200,7 @@ def _search_and_draw(model: CGDModel, gallery: ImageList, emb: torch.Tensor, lab
     out = Path(args.out)
     index = RetrievalIndex.build(emb, labels=labels.tolist(), paths=gallery.paths, whitening=whitening,
                                  metadata={'model': model.config, 'checkpoint': str(checkpoint)})
-    index.save(out / 'index')
+    save_index(index, out / 'index')
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(gallery), size=min(6, len(gallery)), replace=False)
     hits = index.search_hits(emb[picks], k=6)

@@ -34,13 +34,16 @@ def list_class_folders(root: Path) -> List[str]:
     return sorted(names, key=lambda n: (n.casefold(), n))
 
 
-def _images_below(folder: Path, follow_links: bool = False) -> List[str]:
+def _images_below(folder: Path, follow_links: bool = False, seen: Optional[set] = None) -> List[str]:
+    """Images below ``folder``; with links followed, folders whose real path is in ``seen`` are not entered (and
+    the ones walked are added to it)."""
     found = []
-    seen = {os.path.realpath(folder)}
+    seen = set() if seen is None else seen
+    seen.add(os.path.realpath(folder))
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=follow_links):
         # prune hidden folders in place so os.walk does not descend into them; when links are followed, also every
         # folder already walked (a link back up would loop, a second link to a folder would list it twice)
-        dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))  # sorted: which link wins is fixed
         if follow_links:
             kept = []
             for d in dirnames:
@@ -117,8 +120,11 @@ def read_image_folder(
                         root, len(loose), loose[0])
     paths: List[str] = []
     image_classes: List[str] = []
+    # linked sub-folders are read (as torchvision's ImageFolder does), but never the root or a class folder again
+    # through a link (its images would get a second label), nor one folder twice
+    seen = {os.path.realpath(root)} | {os.path.realpath(root / c) for c in list_class_folders(root)}
     for name in classes:
-        images = _images_below(root / name, follow_links=True)  # as torchvision's ImageFolder: linked sub-folders too
+        images = _images_below(root / name, follow_links=True, seen=seen)
         if not images:
             raise FileNotFoundError(f'class folder {root / name} has no images (extensions: '
                                     f'{", ".join(IMG_EXTENSIONS)}); remove it or pass exclude=[{name!r}]')

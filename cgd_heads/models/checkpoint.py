@@ -31,7 +31,8 @@ from ..version import __version__
 
 __all__ = [
     'save_pretrained', 'load_config', 'config_diff', 'load_weights',
-    'load_training_state', 'CONFIG_NAME', 'WEIGHTS_NAME', 'TRAINING_STATE_NAME', 'FORMAT_VERSION',
+    'load_training_state', 'check_extra', 'CONFIG_NAME', 'WEIGHTS_NAME', 'TRAINING_STATE_NAME', 'FORMAT_VERSION',
+    'RESERVED_CONFIG_KEYS',
 ]
 
 CONFIG_NAME = 'config.json'
@@ -64,9 +65,7 @@ def save_pretrained(
         raise TypeError('save_pretrained needs a CGDModel built by cgd_heads.create_model (its config rebuilds it)')
     config = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'cgd_heads_version': __version__,
               'model': model.config, 'pretrained_cfg': _jsonable(model.pretrained_cfg)}
-    clash = sorted(set(extra or {}) & set(config))
-    if clash:  # 'model' would replace the config that rebuilds the model, 'format' make the folder unreadable
-        raise ValueError(f'extra must not hold the keys save_pretrained writes itself, got {clash}')
+    check_extra(extra)
     config.update(extra or {})
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
@@ -77,6 +76,20 @@ def save_pretrained(
             skeleton = _encode(training_state, 'state', tensors)
             save_file(tensors, str(tmp / TRAINING_STATE_NAME), metadata={'skeleton': json.dumps(skeleton)})
     return directory
+
+
+#: The ``config.json`` keys :func:`save_pretrained` writes itself; ``extra`` must not replace them.
+RESERVED_CONFIG_KEYS = ('format', 'format_version', 'cgd_heads_version', 'model', 'pretrained_cfg')
+
+
+def check_extra(extra: Optional[Dict[str, Any]]) -> None:
+    """Refuse ``extra`` entries that would replace what :func:`save_pretrained` writes ('model' would replace the
+    config that rebuilds the model, 'format' make the folder unreadable)."""
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f'extra must be a dict or None, got {type(extra).__name__}')
+    clash = sorted(set(extra or {}) & set(RESERVED_CONFIG_KEYS))
+    if clash:
+        raise ValueError(f'extra must not hold the keys save_pretrained writes itself, got {clash}')
 
 
 def load_config(directory: PathLike) -> Dict[str, Any]:

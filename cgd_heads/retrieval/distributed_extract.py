@@ -57,9 +57,11 @@ def rank_device(device: Union[str, torch.device, None], context: DistributedCont
 
 
 def _check_inputs(dataset: Dataset, paths: Sequence[Optional[str]], labels: Sequence[int], unit_size: int,
-                  batch_size: int, flip: bool, scales: Sequence[float]) -> Tuple[int, int, bool, Tuple[float, ...]]:
+                  batch_size: int, flip: bool, scales: Sequence[float],
+                  amp_dtype: Optional[torch.dtype]) -> Tuple[int, int, bool, Tuple[float, ...]]:
     """(number of items, unit size, flip, scales) after checking that the three sequences agree and are not empty,
-    and the views and batch size (before the manifest records them: a bad value would block every later run)."""
+    and the views, batch size and autocast dtype (before the manifest records them: a bad value would block every
+    later run)."""
     n = len(paths)
     if len(dataset) != n or len(labels) != n:
         raise ValueError(f'dataset, paths and labels must have the same length, got {len(dataset)}, {n} and '
@@ -67,6 +69,8 @@ def _check_inputs(dataset: Dataset, paths: Sequence[Optional[str]], labels: Sequ
     if n == 0:
         raise ValueError('the image list is empty: nothing to embed')
     check_int(batch_size, 'batch_size')
+    if amp_dtype not in (None, torch.bfloat16, torch.float16):
+        raise TypeError(f'amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}')
     return (n, check_int(unit_size, 'unit_size'), *check_views(flip, scales))
 
 
@@ -123,7 +127,7 @@ def extract_units(
     Raises:
         ValueError: the folder holds units of another model, image list, preprocessing or unit size.
     """
-    n, unit_size, flip, scales = _check_inputs(dataset, paths, labels, unit_size, batch_size, flip, scales)
+    n, unit_size, flip, scales = _check_inputs(dataset, paths, labels, unit_size, batch_size, flip, scales, amp_dtype)
     context = context if context is not None else init_distributed(resolve_device(device).type)
     device = rank_device(device, context)
     record = dict(preprocessing or {}, flip=bool(flip), scales=[float(s) for s in scales],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,7 +28,12 @@ def check_views(flip: Any, scales: Any) -> Tuple[bool, Tuple[float, ...]]:
         ValueError: ``scales`` is empty or holds a value <= 0 or not finite.
     """
     flip = check_bool(flip, 'flip')
-    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or not len(scales):
+    if isinstance(scales, np.ndarray) and scales.ndim == 1:
+        scales = scales.tolist()
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence):
+        raise TypeError(f'scales must be a non-empty sequence of positive floats, got {type(scales).__name__} '
+                        f'{scales!r}')
+    if not len(scales):
         raise ValueError(f'scales must be a non-empty sequence of positive floats, got {scales!r}')
     return flip, tuple(check_float(s, f'scales[{i}]', minimum=0.0, above=True) for i, s in enumerate(scales))
 

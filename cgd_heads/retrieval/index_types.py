@@ -43,7 +43,8 @@ def make_index(index_type: str, dim: int, n_train: int, kwargs: Dict[str, Any]) 
         if nprobe > nlist:
             raise ValueError(f'nprobe must be <= nlist ({nlist}), got {nprobe}')
         pq_m = kwargs.get('pq_m')
-        if pq_m is None and kwargs.get('pq_nbits') is not None:
+        # an IVF-Flat index records the default pq_nbits=8 in its params, so rebuilding from them must pass
+        if pq_m is None and kwargs.get('pq_nbits', 8) != 8:
             raise ValueError(f"pq_nbits={kwargs['pq_nbits']!r} needs pq_m (IVF-PQ); without pq_m the index is "
                              f"IVF-Flat, which stores whole vectors")
         pq_nbits = check_int(kwargs.get('pq_nbits', 8), 'pq_nbits')

@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from ..utils.atomic import atomic_write_json
-from ..utils.checks import PathLike, check_int
+from ..utils.checks import PathLike, check_bool, check_int
 from .faiss_import import faiss
 from .arrays import to_embedding_array
 from .index import RetrievalIndex, check_metadata, check_whitening
@@ -114,6 +114,7 @@ def build_index_from_units(
     Returns:
         ``directory``, to open with :func:`load_index`.
     """
+    on_disk = check_bool(on_disk, 'on_disk')
     units = units if isinstance(units, EmbeddingUnits) else EmbeddingUnits.open(units)
     if index_type not in INDEX_TYPES:
         raise ValueError(f'index_type must be one of {INDEX_TYPES}, got {index_type!r}')

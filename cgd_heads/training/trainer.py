@@ -33,8 +33,10 @@ from tqdm.auto import tqdm
 from ..data import ImageDataset, ImageList, create_cgd_transform, data_config_of
 from ..losses.cgd_loss import CGDLoss
 from ..models.cgd_model import HEAD_KWARGS, CGDModel, create_model, load_pretrained
-from ..models.checkpoint import config_diff, load_config, load_training_state, load_weights, save_pretrained
+from ..models.checkpoint import (check_extra, config_diff, load_config, load_training_state, load_weights,
+                                save_pretrained)
 from ..utils.atomic import atomic_path, atomic_write_json, resolve_dir
+from ..utils.checks import check_bool
 from ..utils.distributed import DistributedContext, all_reduce_mean, init_distributed
 from ..utils.runtime import amp_dtype, autocast, resolve_device, seed_everything
 from .config import TrainConfig
@@ -410,6 +412,8 @@ def train(
         A :class:`TrainResult` whose model holds the best validation weights (the last ones without validation).
     """
     out_dir = Path(out_dir)
+    resume, skip_bad_images = check_bool(resume, 'resume'), check_bool(skip_bad_images, 'skip_bad_images')
+    check_extra(extra)  # here, not at the first checkpoint an epoch later
     _check_run_folder(out_dir, resume)
     held_out = val_list is None and bool(config.val_classes)
     if held_out:

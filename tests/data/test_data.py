@@ -488,10 +488,13 @@ class TestImageFolder:
         write_image(tmp_path / 'extra' / 'b.png')
         write_image(tmp_path / 'extra' / 'c.png')
         os.symlink(tmp_path / 'extra', tmp_path / 'data' / '3' / 'more')
+        # links back to another class or to the root: never a second label for those images, and no loop
+        os.symlink(tmp_path / 'data' / '1', tmp_path / 'data' / '3' / 'again')
+        os.symlink(tmp_path / 'data', tmp_path / 'data' / '3' / 'up')
         images = read_image_folder(tmp_path / 'data')['all']  # as list_images (and torchvision): links followed
         assert sorted(os.path.basename(p) for p, c in zip(images.paths, images.labels)
                       if images.class_names[c] == '3') == ['a.png', 'b.png', 'c.png']
-        assert len(images) == len(list_images(tmp_path / 'data')) == 6
+        assert len(images) == len(set(images.paths)) == len(list_images(tmp_path / 'data')) == 6
 
 
 def write_csv(path, rows, header=('path', 'label', 'split')):
@@ -501,6 +504,7 @@ def write_csv(path, rows, header=('path', 'label', 'split')):
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
 
 def test_yes_no_options_refuse_strings(tmp_path):
     write_cub(tmp_path / 'cub')

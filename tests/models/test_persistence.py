@@ -123,6 +123,7 @@ def test_training_state_keys_that_flatten_alike_keep_their_own_tensors(model, tm
 
 
 def test_extra_cannot_replace_what_rebuilds_the_model(model, tmp_path):
-    with pytest.raises(ValueError, match=r"extra must not hold the keys save_pretrained writes itself, got \['model'\]"):
+    with pytest.raises(ValueError, match=r"extra must not hold the keys save_pretrained writes itself, got "
+                                         r"\['model'\]"):
         save_pretrained(model, tmp_path / 'ckpt', extra={'model': {'model_name': 'resnet50'}, 'epoch': 1})
     assert not (tmp_path / 'ckpt').exists()

@@ -138,6 +138,10 @@ def test_index_options_that_would_not_apply_or_disagree_with_the_faiss_index_are
         RetrievalIndex(untrained, 'ivf', [], [], params={'nlist': 2, 'nprobe': 2, 'pq_m': None, 'pq_nbits': 8})
     built = RetrievalIndex.build(x, index_type='ivf', nlist=2, pq_m=4, pq_nbits=4)
     assert built.params['pq_m'] == 4 and faiss.downcast_index(built.faiss_index).pq.nbits == 4
+    flat_ivf = RetrievalIndex.build(x, index_type='ivf', nlist=2)  # records pq_m=None, pq_nbits=8 (the default)
+    assert RetrievalIndex.build(x, index_type='ivf', **flat_ivf.params).params == flat_ivf.params
+    with pytest.raises(TypeError, match="on_disk must be True or False, got str 'no'"):
+        build_index_from_units('unused', 'unused', 'ivf', on_disk='no')
 
 
 def test_an_empty_index_returns_no_columns():

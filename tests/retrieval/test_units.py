@@ -105,8 +105,10 @@ def test_bad_views_are_refused_before_the_manifest_records_them(gallery, tmp_pat
             _extract(gallery, tmp_path / 'units', scales=scales)
     with pytest.raises(TypeError, match="flip must be True or False, got str 'no'"):
         _extract(gallery, tmp_path / 'units', flip='no')
+    with pytest.raises(TypeError, match="amp_dtype must be None, torch.bfloat16 or torch.float16, got 'bf16'"):
+        _extract(gallery, tmp_path / 'units', amp_dtype='bf16')
     assert not (tmp_path / 'units').exists()  # nothing recorded: a correct rerun is not refused as another setup
-    assert sum(_extract(gallery, tmp_path / 'units', scales=(1.0,)).unit_counts()) == 48
+    assert sum(_extract(gallery, tmp_path / 'units', scales=np.array([1.0])).unit_counts()) == 48
 
 
 def test_checkpoint_fingerprint_changes_with_the_weights_or_the_config(gallery, tmp_path):

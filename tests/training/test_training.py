@@ -323,3 +323,15 @@ def test_skipped_bad_images_leave_the_schedule_as_run(shapes_folder, tmp_path, m
     monkeypatch.setattr(train_module, '_train_step', lambda *a: steps.append(1) or real_step(*a))
     train(TrainConfig(**dict(TINY, epochs=1)), damaged, tmp_path / 'run', val_list=val_list, skip_bad_images=True)
     assert runs[0].iters == len(steps) == len(train_list) // TINY['batch_size'] == 4
+
+
+def test_yes_no_arguments_and_extra_are_checked_before_any_work(shapes_folder, tmp_path, monkeypatch):
+    splits = load_splits('folder', shapes_folder)
+    started = []
+    monkeypatch.setattr(train_module, '_build_run', lambda *a, **k: started.append(1) or pytest.fail('started'))
+    for kwargs, error, match in (({'resume': 'False'}, TypeError, "resume must be True or False, got str"),
+                                 ({'skip_bad_images': 'no'}, TypeError, 'skip_bad_images must be True or False'),
+                                 ({'extra': {'model': 'mine'}}, ValueError, r"writes itself, got \['model'\]")):
+        with pytest.raises(error, match=match):  # 'False' resumed; the clashing key failed after the first epoch
+            train(TrainConfig(**dict(TINY, epochs=1)), splits['all'], tmp_path / 'run', **kwargs)
+    assert started == [] and not (tmp_path / 'run').exists()
