@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,17 @@ def copy_subset(images: Path, out: Path, classes: int) -> None:
         raise ValueError(f'{images} should hold the 196 CARS196 class folders, found {len(folders)}')
     for folder in folders[:classes] + folders[98:98 + classes]:
         shutil.copytree(folder, out / folder.name)
+
+
+def check_subset(images: Path, classes: int) -> None:
+    """The packed subset holds CARS196 classes 1..classes and 99..98+classes: otherwise ``--classes`` would train on
+    test classes (or test on training ones) while the results file says it did not."""
+    folders = sorted(p.name for p in images.iterdir() if p.is_dir())
+    numbers = [int(name.split('.')[0]) if name.split('.')[0].isdigit() else None for name in folders]
+    expected = list(range(1, classes + 1)) + list(range(99, 99 + classes))
+    if numbers != expected:
+        raise SystemExit(f'{images} holds {len(folders)} class folders ({folders[:1]} ... {folders[-1:]}), not '
+                         f'CARS196 classes 1-{classes} and 99-{98 + classes}: pass the --classes it was packed with')
 
 
 def pack(args: argparse.Namespace) -> None:
@@ -120,6 +132,7 @@ def run(args: argparse.Namespace) -> None:
             data = Path(tmp) / 'images'  # a dry run packs its own tiny subset
             copy_subset(SHARED / 'cars196' / 'images', data, DRY_RUN_CLASSES)
             args.classes = DRY_RUN_CLASSES
+        check_subset(data, args.classes)
         result = _train_and_evaluate(args, data, Path(tmp) / 'run')
     write(args, gpu, tests, result, time.time() - start)
 
@@ -130,7 +143,7 @@ def write(args: argparse.Namespace, gpu: str, tests: str, result: dict, total: f
         '# GPU check' + (' (DRY RUN on the CPU: not a measurement)' if args.dry_run else ''), '',
         f'- GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}, Python {platform.python_version()}, '
         f'{os.cpu_count()} CPU cores.',
-        f'- Command: `bash benchmarks/gpu_check.sh{" --dry-run" if args.dry_run else ""}`; wall time '
+        f'- Command: `{" ".join(["bash", "benchmarks/gpu_check.sh", *map(shlex.quote, args.options)])}`; wall time '
         f'{total / 60:.1f} min.',
         f'- CUDA-only tests (tests/test_cuda.py: AMP bf16/fp16, pinned memory, NCCL with one process): {tests}.',
         f'- Training: CARS196 subset, classes 1-{args.classes} train ({len(result["train"])} images) and '
@@ -168,6 +181,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     rn.add_argument('--epochs', type=int, default=8)
     rn.add_argument('--output', help='results file; default benchmarks/results/gpu_check.md (a dry run: none)')
     args = p.parse_args(argv)
+    args.options = list(sys.argv[1:] if argv is None else argv)[1:]  # as given to gpu_check.sh, after `run`
     pack(args) if args.command == 'pack' else run(args)
 
 

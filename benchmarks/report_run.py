@@ -118,7 +118,7 @@ def report(data: Dict[str, Any], commands: str, reference: Optional[List[Dict[st
              f'(DataLoader included); {held_out}.']
     lines = [line for line in lines if line is not None]
     # the script may name a recipe (--recipe cpu) rather than spell its settings out: the run's own record says
-    lines.append('- Settings (`train_config.json`): ' + ', '.join(f'{k}={v}' for k, v in config.items()) + '.')
+    lines.append(settings_line(config))
     if data['timing']:
         lines.append('- Wall time: ' + ', '.join(f'{k} {v / 60:.1f} min' for k, v in data['timing'].items()) + '.')
     lines += ['', '| epoch | lr | loss | held-out R@1 | held-out MAP@R | s |', '|---|---|---|---|---|---|']
@@ -151,6 +151,34 @@ def reference_rows(path: Path) -> List[Dict[str, Any]]:
     pool = {1.0: 'GAP', float('inf'): 'MAC'}.get(float(ots['p']), f'GeM p={float(ots["p"]):g}')
     stride = {None: 'untouched', 'strip': 'stripped', 'dilate': 'dilated'}[ots['stride_mode']]
     return [dict({k: [data[k], 0.0] for k in METRICS}, row=f'{pool}, stride {stride} (cgd-eval --off-the-shelf)')]
+
+
+def settings_line(config: Dict[str, Any]) -> str:
+    return '- Settings (`train_config.json`): ' + ', '.join(f'{k}={v}' for k, v in config.items()) + '.'
+
+
+def check_same_command(config: Dict[str, Any], others: List[Tuple[str, Path, Dict[str, float]]]) -> List[str]:
+    """Refuse seeds given twice (or this run's own) and seeds whose recorded settings differ from this run's in
+    anything but the seed; return the labels whose files record no settings (results files of older versions)."""
+    labels = [label for label, _, _ in others] + [str(config.get('seed', 0))]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f'--seed-results: seed {", ".join(repeated)} given twice (or it is this run\'s own seed)')
+    def without_seed(line: str) -> List[str]:
+        return [item for item in line.split(': ', 1)[1].rstrip('.').split(', ') if not item.startswith('seed=')]
+    mine = without_seed(settings_line(config))
+    unrecorded = []
+    for label, path, _ in others:
+        if path.is_dir():
+            theirs = settings_line(json.loads((path / 'train_config.json').read_text()))
+        else:
+            theirs = next((line for line in path.read_text().splitlines() if line.startswith('- Settings (')), None)
+        if theirs is None:
+            unrecorded.append(label)
+        elif without_seed(theirs) != mine:
+            raise ValueError(f'--seed-results: {path} (seed {label}) was run with other settings than this run, '
+                             f'not only another seed:\n  {theirs}\n  {settings_line(config)}')
+    return unrecorded
 
 
 def results_row(path: Path) -> Dict[str, float]:
@@ -224,7 +252,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     data = read_run(Path(args.run))
     lines = [f'# {args.title}', ''] + report(data, args.commands, reference, png, args.invocation)
     if others:
+        try:
+            unrecorded = check_same_command(data['config'], others)
+        except ValueError as error:
+            p.error(str(error))
         lines += [''] + seed_lines(data['test'], data['config'].get('seed', 0), others, out, reference)
+        if unrecorded:
+            lines.append(f'Seed {", ".join(unrecorded)}: its results file records no settings (written before '
+                         f'report_run.py quoted them), so it was not checked against this run\'s.')
     if args.notes:
         lines += ['', Path(args.notes).read_text().strip()]
     plot_curve(data['rows'], png, args.title, data['start'])

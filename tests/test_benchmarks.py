@@ -353,9 +353,21 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = (tmp_path / 'gpu_check.md').read_text()
     assert text.startswith('# GPU check (DRY RUN') and 'classes 1-4 train' in text
+    assert f"Command: `bash benchmarks/gpu_check.sh --dry-run --data {tmp_path / 'none'} --output " in text
     assert 'CUDA-only tests (tests/test_cuda.py' in text and 'skipped' in text  # no GPU here: skipped, not failed
     row = text.split('|---|---|---|---|---|\n')[1].splitlines()[0]
     assert all(0 <= float(v) <= 100 for v in row.strip('| ').split(' | '))
+
+
+def test_gpu_check_refuses_a_subset_packed_with_other_classes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_check
+
+    for number in list(range(1, 21)) + list(range(99, 119)):  # packed with --classes 20
+        (tmp_path / f'{number:03d}.Car_{number}').mkdir()
+    gpu_check.check_subset(tmp_path, 20)
+    with pytest.raises(SystemExit, match='not CARS196 classes 1-25 and 99-123: pass the --classes it was packed'):
+        gpu_check.check_subset(tmp_path, 25)  # would have trained on test classes 99-103
 
 
 def test_recipe_rejects_unknown_dataset(tmp_path):
@@ -608,6 +620,19 @@ def test_report_run_tables_other_seeds_of_the_command_from_their_results_files(t
         assert '--seed-results' in refused('report_run.py', '--run', str(tmp_path / 'seed1'), '--commands',
                                            str(BENCH / 'recipe.sh'), '--output', str(tmp_path / 'x.md'),
                                            '--seed-results', item)
+    # the same seed twice (or this run's own), or a file of another command, would make a wrong mean +- std
+    other = fake_run(tmp_path / 'other', [])
+    config = json.loads((other / 'train_config.json').read_text())
+    (other / 'train_config.json').write_text(json.dumps(dict(config, seed=3, img_size=160)))
+    run('report_run.py', '--run', str(other), '--commands', str(BENCH / 'recipe.sh'), '--output',
+        str(tmp_path / 'results' / 'other.md'))
+    for items, message in (((f'0={files[0]}', f'0={tmp_path / "seed0"}'), 'seed 0 given twice'),
+                           ((f'1={files[0]}',), 'seed 1 given twice'),
+                           ((f'3={tmp_path / "results" / "other.md"}',), 'was run with other settings'),
+                           ((f'3={other}',), 'was run with other settings')):
+        assert message in refused('report_run.py', '--run', str(tmp_path / 'seed1'), '--commands',
+                                  str(BENCH / 'recipe.sh'), '--output', str(tmp_path / 'x.md'),
+                                  '--seed-results', *items)
 
 
 def test_schedule_effect_compares_per_update_with_the_per_epoch_cosine_of_0_1_0():
