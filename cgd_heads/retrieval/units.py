@@ -302,6 +302,14 @@ class EmbeddingUnits:
         start, stop = self.unit_range(unit)
         tensors, skipped_list = _unit_tensors(embeddings, labels, ids, skipped, start, stop)
         n = tensors['ids'].shape[0]
+        if n:  # every unit of a folder holds vectors of one dimension (an index concatenates them)
+            try:
+                dim = self.dim
+            except ValueError:
+                dim = None  # no unit with embeddings yet: this one sets the dimension
+            if dim is not None and tensors['embeddings'].shape[1] != dim:
+                raise ValueError(f'unit {unit} holds {tensors["embeddings"].shape[1]}-d embeddings, but the units of '
+                                 f'{self.directory} hold {dim}-d ones')
         paths_list = [None] * n if paths is None else [None if p is None else str(p) for p in paths]
         if len(paths_list) != n:
             raise ValueError(f'paths must have one entry per embedding ({n}), got {len(paths_list)}')

@@ -149,3 +149,11 @@ def test_an_empty_index_returns_no_columns():
     scores, ids = empty.search(_unit_rows(3), 5)
     assert scores.shape == ids.shape == (3, 0) and scores.dtype == np.float32 and ids.dtype == np.int64
     assert empty.search_hits(_unit_rows(2), 5, qe=2) == [[], []]
+
+
+def test_a_unit_of_another_dimension_is_refused_when_written(tmp_path):
+    units = EmbeddingUnits.create(tmp_path / 'units', 200, 100, 'synthetic-model', 'synthetic-list')
+    units.write_unit(0, _unit_rows(100, d=8), [0] * 100)
+    with pytest.raises(ValueError, match='unit 1 holds 4-d embeddings, but the units of .* hold 8-d ones'):
+        units.write_unit(1, _unit_rows(100, d=4), [0] * 100)  # was a bare faiss / numpy error when indexing
+    units.write_unit(0, _unit_rows(100, d=8, seed=1), [0] * 100)  # a rewrite of the same dimension is fine
