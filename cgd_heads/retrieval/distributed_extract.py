@@ -130,7 +130,7 @@ def extract_units(
     n, unit_size, flip, scales = _check_inputs(dataset, paths, labels, unit_size, batch_size, flip, scales, amp_dtype)
     context = context if context is not None else init_distributed(resolve_device(device).type)
     device = rank_device(device, context)
-    record = dict(preprocessing or {}, flip=bool(flip), scales=[float(s) for s in scales],
+    record = dict(preprocessing or {}, flip=flip, scales=list(scales),
                   amp_dtype=None if amp_dtype is None else str(amp_dtype).replace('torch.', ''))
     config = getattr(model, 'config', None)
     todo = _plan(directory, lambda: dict(
